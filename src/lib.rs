@@ -1,0 +1,15 @@
+//! inception-rs: Inception-v4, Inception-ResNet-v1 and Inception-ResNet-v2 (Szegedy, Ioffe,
+//! Vanhoucke, Alemi, AAAI 2017) on burn, with strict import of the timm / facenet-pytorch
+//! weights.
+
+pub mod error;
+pub mod layers;
+pub mod models;
+pub mod weights;
+
+pub use error::{Error, KeyProblem, Result};
+pub use models::{Model, ModelConfig, ModelKind};
+pub mod hub;
+pub mod labels;
+pub mod preprocess;
+pub mod summary;

@@ -1,0 +1,370 @@
+//! Inception-ResNet-v1 and -v2 (paper Sec. 3.2, Figs. 10-19) as one trunk driven by a config
+//! table. Two published layouts:
+//! - IR-v2, TF-slim / timm (`inception_resnet_v2`): Inception-v3 style stem + `mixed_5b` (320 ch),
+//!   10 x Block35, Reduction-A (256,256,384,384), 20 x Block17, Reduction-B, 9 x Block8 + a final
+//!   Block8 without ReLU, `conv2d_7b` 1x1 to 1536, `classif`. Widths 320 / 1088 / 2080.
+//! - IR-v1, facenet-pytorch (`inception_resnet_v1`): the paper's Fig. 14 stem, 5 x Block35,
+//!   Reduction-A (192,192,256,384), 10 x Block17, Reduction-B, 5 + 1 Block8; widths 256 / 896 /
+//!   1792; head `last_linear` (no bias) -> `last_bn` -> optional `logits`, embedding L2-normalised.
+//!
+//! Residual scale is a config value per stage (paper Sec. 3.3): 0.17 / 0.10 / 0.20 in both
+//! references; the last Block8 uses 1.0 and no ReLU.
+
+use burn::module::Module;
+use burn::nn::conv::Conv2d;
+use burn::nn::pool::MaxPool2d;
+use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig};
+use burn::tensor::activation::relu;
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::layers::{
+    BN_EPS, ConvBnAct, ConvSpec, Layer, conv_bias, conv_chain, conv_counted, k, k1xn, knx1, max_pool_3s2, pool_proj,
+    run_chain, run_layers,
+};
+use crate::models::inception_v4::ReductionA;
+use crate::models::{FeatureInfo, classifier, linear_counted};
+
+/// Channel table of one residual Inception block: input/output width, the 1x1 branch, and the
+/// branch chains (first step is always a 1x1; the rest use `kernels`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ResBlockSpec {
+    pub channels: usize,
+    pub branch0: usize,
+    pub branch1: Vec<usize>,
+    /// Third branch (Inception-ResNet-A only).
+    pub branch2: Vec<usize>,
+}
+
+/// Which published layout: decides the stem, the head and the checkpoint names.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum IrLayout {
+    /// TF-slim / timm Inception-ResNet-v2.
+    SlimV2,
+    /// facenet-pytorch Inception-ResNet-v1.
+    FacenetV1,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct IrConfig {
+    pub layout: IrLayout,
+    /// Inception-ResNet-A (Block35), -B (Block17), -C (Block8).
+    pub block_a: ResBlockSpec,
+    pub block_b: ResBlockSpec,
+    pub block_c: ResBlockSpec,
+    /// Reduction-A `(k, l, m, n)`, paper Table 1.
+    pub reduction_a: [usize; 4],
+    /// Reduction-B branch chains (each starts with a 1x1, ends with a 3x3/2).
+    pub reduction_b: [Vec<usize>; 3],
+    /// Blocks per residual stage.
+    pub repeats: [usize; 3],
+    /// Residual scale per stage (paper Sec. 3.3).
+    pub scales: [f64; 3],
+    /// Scale of the final Block8 (no ReLU).
+    pub last_scale: f64,
+    /// Classes of the classifier; 0 = none.
+    pub num_classes: usize,
+}
+
+impl IrConfig {
+    /// TF-slim / timm `inception_resnet_v2`.
+    pub fn slim_v2(num_classes: usize) -> Self {
+        Self {
+            layout: IrLayout::SlimV2,
+            block_a: ResBlockSpec { channels: 320, branch0: 32, branch1: vec![32, 32], branch2: vec![32, 48, 64] },
+            block_b: ResBlockSpec { channels: 1088, branch0: 192, branch1: vec![128, 160, 192], branch2: vec![] },
+            block_c: ResBlockSpec { channels: 2080, branch0: 192, branch1: vec![192, 224, 256], branch2: vec![] },
+            reduction_a: [256, 256, 384, 384],
+            reduction_b: [vec![256, 384], vec![256, 288], vec![256, 288, 320]],
+            repeats: [10, 20, 9],
+            scales: [0.17, 0.10, 0.20],
+            last_scale: 1.0,
+            num_classes,
+        }
+    }
+
+    /// facenet-pytorch `InceptionResnetV1` (paper Figs. 10-14).
+    pub fn facenet_v1(num_classes: usize) -> Self {
+        Self {
+            layout: IrLayout::FacenetV1,
+            block_a: ResBlockSpec { channels: 256, branch0: 32, branch1: vec![32, 32], branch2: vec![32, 32, 32] },
+            block_b: ResBlockSpec { channels: 896, branch0: 128, branch1: vec![128, 128, 128], branch2: vec![] },
+            block_c: ResBlockSpec { channels: 1792, branch0: 192, branch1: vec![192, 192, 192], branch2: vec![] },
+            reduction_a: [192, 192, 256, 384],
+            reduction_b: [vec![256, 384], vec![256, 256], vec![256, 256, 256]],
+            repeats: [5, 10, 5],
+            scales: [0.17, 0.10, 0.20],
+            last_scale: 1.0,
+            num_classes,
+        }
+    }
+}
+
+/// Residual Inception block: branches concatenated, 1x1 biased up-projection (`conv2d`, no BN:
+/// the paper puts BN only on non-summation layers), `x + scale * up`, ReLU unless the last.
+/// Block35 = Inception-ResNet-A (Figs. 10/16), Block17 = -B (Figs. 11/17), Block8 = -C (Figs. 13/19).
+#[derive(Module, Debug)]
+pub struct ResBlock {
+    pub branch0: ConvBnAct,
+    pub branch1: Vec<ConvBnAct>,
+    pub branch2: Vec<ConvBnAct>,
+    pub conv2d: Conv2d,
+    #[module(skip)]
+    pub scale: f64,
+    #[module(skip)]
+    pub act: bool,
+}
+
+/// Kernels of the non-1x1 steps of a branch: A uses 3x3s, B 1x7 then 7x1, C 1x3 then 3x1.
+fn branch_kernels(kind: char) -> [ConvSpec; 2] {
+    match kind {
+        'A' => [k(3).same(), k(3).same()],
+        'B' => [k1xn(7), knx1(7)],
+        _ => [k1xn(3), knx1(3)],
+    }
+}
+
+impl ResBlock {
+    fn new(kind: char, s: &ResBlockSpec, scale: f64, act: bool, device: &Device) -> Self {
+        let ks = branch_kernels(kind);
+        let chain = |widths: &[usize]| -> Vec<ConvBnAct> {
+            let steps: Vec<(usize, ConvSpec)> =
+                widths.iter().enumerate().map(|(i, &w)| (w, if i == 0 { k(1) } else { ks[i - 1] })).collect();
+            conv_chain(s.channels, &steps, device)
+        };
+        let branch1 = chain(&s.branch1);
+        let branch2 = chain(&s.branch2);
+        let cat = s.branch0 + s.branch1.last().copied().unwrap_or(0) + s.branch2.last().copied().unwrap_or(0);
+        Self {
+            branch0: ConvBnAct::new(s.channels, s.branch0, k(1), device),
+            branch1,
+            branch2,
+            conv2d: conv_bias(cat, s.channels, device),
+            scale,
+            act,
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let mut parts = vec![self.branch0.forward(x.clone()), run_chain(&self.branch1, x.clone())];
+        if !self.branch2.is_empty() {
+            parts.push(run_chain(&self.branch2, x.clone()));
+        }
+        let up = conv_counted(&self.conv2d, Tensor::cat(parts, 1));
+        let y = x + up.mul_scalar(self.scale);
+        if self.act { relu(y) } else { y }
+    }
+}
+
+/// Reduction-B (Fig. 12 for v1, Fig. 18 for v2): three conv branches ending in 3x3/2, plus a
+/// 3x3/2 max pool.
+#[derive(Module, Debug)]
+pub struct ReductionB {
+    pub branch0: Vec<ConvBnAct>,
+    pub branch1: Vec<ConvBnAct>,
+    pub branch2: Vec<ConvBnAct>,
+    pub branch3: MaxPool2d,
+}
+
+impl ReductionB {
+    fn new(cin: usize, widths: &[Vec<usize>; 3], device: &Device) -> Self {
+        let chain = |w: &[usize]| {
+            let steps: Vec<(usize, ConvSpec)> = w
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| (c, if i == 0 { k(1) } else if i + 1 == w.len() { k(3).s2() } else { k(3).same() }))
+                .collect();
+            conv_chain(cin, &steps, device)
+        };
+        Self { branch0: chain(&widths[0]), branch1: chain(&widths[1]), branch2: chain(&widths[2]), branch3: max_pool_3s2() }
+    }
+
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        Tensor::cat(
+            vec![
+                run_chain(&self.branch0, x.clone()),
+                run_chain(&self.branch1, x.clone()),
+                run_chain(&self.branch2, x.clone()),
+                self.branch3.forward(x),
+            ],
+            1,
+        )
+    }
+}
+
+/// TF-slim `Mixed_5b` (an Inception-v3 "A" block, 192 -> 320 channels): 1x1 96 ||
+/// 1x1 48 -> 5x5 64 || 1x1 64 -> 3x3 96 -> 3x3 96 || avg pool -> 1x1 64.
+#[derive(Module, Debug)]
+pub struct Mixed5b {
+    pub branch0: ConvBnAct,
+    pub branch1: Vec<ConvBnAct>,
+    pub branch2: Vec<ConvBnAct>,
+    pub branch3: Vec<Layer>,
+}
+
+impl Mixed5b {
+    fn new(device: &Device) -> Self {
+        Self {
+            branch0: ConvBnAct::new(192, 96, k(1), device),
+            branch1: conv_chain(192, &[(48, k(1)), (64, k(5).same())], device),
+            branch2: conv_chain(192, &[(64, k(1)), (96, k(3).same()), (96, k(3).same())], device),
+            branch3: pool_proj(192, 64, device),
+        }
+    }
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        Tensor::cat(
+            vec![
+                self.branch0.forward(x.clone()),
+                run_chain(&self.branch1, x.clone()),
+                run_chain(&self.branch2, x.clone()),
+                run_layers(&self.branch3, x),
+            ],
+            1,
+        )
+    }
+}
+
+/// The Inception-ResNet trunk and head. Layout-specific parts are `Option`s: `conv2d_4b` (v1
+/// stem), `maxpool_5a` + `mixed_5b` + `conv2d_7b` + `classif` (slim v2), `last_linear` +
+/// `last_bn` + `logits` (facenet v1). Field names are the checkpoint keys (v2 names for the
+/// repeats; the facenet names are mapped in `weights::key_remap`).
+#[derive(Module, Debug)]
+pub struct InceptionResnet {
+    pub conv2d_1a: ConvBnAct,
+    pub conv2d_2a: ConvBnAct,
+    pub conv2d_2b: ConvBnAct,
+    pub maxpool_3a: MaxPool2d,
+    pub conv2d_3b: ConvBnAct,
+    pub conv2d_4a: ConvBnAct,
+    pub conv2d_4b: Option<ConvBnAct>,
+    pub maxpool_5a: Option<MaxPool2d>,
+    pub mixed_5b: Option<Mixed5b>,
+    pub repeat: Vec<ResBlock>,
+    pub mixed_6a: ReductionA,
+    pub repeat_1: Vec<ResBlock>,
+    pub mixed_7a: ReductionB,
+    pub repeat_2: Vec<ResBlock>,
+    pub block8: ResBlock,
+    pub conv2d_7b: Option<ConvBnAct>,
+    pub classif: Option<Linear>,
+    pub last_linear: Option<Linear>,
+    pub last_bn: Option<BatchNorm>,
+    pub logits: Option<Linear>,
+    #[module(skip)]
+    pub layout: IrLayout,
+}
+
+impl InceptionResnet {
+    pub fn new(cfg: &IrConfig, device: &Device) -> Self {
+        let v2 = cfg.layout == IrLayout::SlimV2;
+        let (a, b, c) = (&cfg.block_a, &cfg.block_b, &cfg.block_c);
+        let stage = |kind: char, s: &ResBlockSpec, n: usize, scale: f64| -> Vec<ResBlock> {
+            (0..n).map(|_| ResBlock::new(kind, s, scale, true, device)).collect()
+        };
+        let stem_out = if v2 { 320 } else { 256 };
+        assert_eq!(stem_out, a.channels, "Block35 width must equal the stem output");
+        Self {
+            conv2d_1a: ConvBnAct::new(3, 32, k(3).s2(), device),
+            conv2d_2a: ConvBnAct::new(32, 32, k(3), device),
+            conv2d_2b: ConvBnAct::new(32, 64, k(3).same(), device),
+            maxpool_3a: max_pool_3s2(),
+            conv2d_3b: ConvBnAct::new(64, 80, k(1), device),
+            conv2d_4a: ConvBnAct::new(80, 192, k(3), device),
+            conv2d_4b: (!v2).then(|| ConvBnAct::new(192, 256, k(3).s2(), device)),
+            maxpool_5a: v2.then(max_pool_3s2),
+            mixed_5b: v2.then(|| Mixed5b::new(device)),
+            repeat: stage('A', a, cfg.repeats[0], cfg.scales[0]),
+            mixed_6a: ReductionA::new(a.channels, cfg.reduction_a, device),
+            repeat_1: stage('B', b, cfg.repeats[1], cfg.scales[1]),
+            mixed_7a: ReductionB::new(b.channels, &cfg.reduction_b, device),
+            repeat_2: stage('C', c, cfg.repeats[2], cfg.scales[2]),
+            block8: ResBlock::new('C', c, cfg.last_scale, false, device),
+            conv2d_7b: v2.then(|| ConvBnAct::new(c.channels, 1536, k(1), device)),
+            classif: if v2 { classifier(1536, cfg.num_classes, device) } else { None },
+            last_linear: (!v2).then(|| LinearConfig::new(c.channels, 512).with_bias(false).init(device)),
+            last_bn: (!v2).then(|| BatchNormConfig::new(512).with_epsilon(BN_EPS).init(device)),
+            logits: if v2 { None } else { classifier(512, cfg.num_classes, device) },
+            layout: cfg.layout,
+        }
+    }
+
+    pub fn feature_info(layout: IrLayout) -> Vec<FeatureInfo> {
+        let f = |m: &str, c, r| FeatureInfo { module: m.to_string(), channels: c, reduction: r };
+        match layout {
+            IrLayout::SlimV2 => vec![
+                f("conv2d_2b", 64, 2),
+                f("conv2d_4a", 192, 4),
+                f("repeat", 320, 8),
+                f("repeat_1", 1088, 16),
+                f("conv2d_7b", 1536, 32),
+            ],
+            IrLayout::FacenetV1 => vec![
+                f("conv2d_2b", 64, 2),
+                f("conv2d_4a", 192, 4),
+                f("repeat_1", 256, 8),
+                f("repeat_2", 896, 16),
+                f("block8", 1792, 32),
+            ],
+        }
+    }
+
+    pub fn num_features(&self) -> usize {
+        match self.layout {
+            IrLayout::SlimV2 => 1536,
+            IrLayout::FacenetV1 => self.block8.branch0.conv.weight.dims()[1],
+        }
+    }
+
+    /// Trunk up to the last feature map, calling `tap(stage_index, &output)` at each stage end.
+    pub fn forward_features_tapped(&self, x: Tensor<4>, tap: &mut dyn FnMut(usize, &Tensor<4>)) -> Tensor<4> {
+        let x = self.conv2d_1a.forward(x);
+        let x = self.conv2d_2a.forward(x);
+        let x = self.conv2d_2b.forward(x);
+        tap(0, &x);
+        let x = self.maxpool_3a.forward(x);
+        let x = self.conv2d_3b.forward(x);
+        let mut x = self.conv2d_4a.forward(x);
+        tap(1, &x);
+        if let Some(c) = &self.conv2d_4b {
+            x = c.forward(x);
+        }
+        if let (Some(p), Some(m)) = (&self.maxpool_5a, &self.mixed_5b) {
+            x = m.forward(p.forward(x));
+        }
+        let x = self.repeat.iter().fold(x, |x, b| b.forward(x));
+        tap(2, &x);
+        let x = self.mixed_6a.forward(x);
+        let x = self.repeat_1.iter().fold(x, |x, b| b.forward(x));
+        tap(3, &x);
+        let x = self.mixed_7a.forward(x);
+        let x = self.repeat_2.iter().fold(x, |x, b| b.forward(x));
+        let mut x = self.block8.forward(x);
+        if let Some(c) = &self.conv2d_7b {
+            x = c.forward(x);
+        }
+        tap(4, &x);
+        x
+    }
+
+    /// Pooled features -> pre-logits (v2: the pooled 1536; v1: `last_bn(last_linear(.))`, 512-d).
+    pub fn pre_logits(&self, pooled: Tensor<2>) -> Tensor<2> {
+        match (&self.last_linear, &self.last_bn) {
+            (Some(l), Some(bn)) => bn.forward(linear_counted(l, pooled)),
+            _ => pooled,
+        }
+    }
+
+    pub fn classifier_ref(&self) -> &Option<Linear> {
+        match self.layout {
+            IrLayout::SlimV2 => &self.classif,
+            IrLayout::FacenetV1 => &self.logits,
+        }
+    }
+
+    pub fn set_classifier(&mut self, head: Option<Linear>) {
+        match self.layout {
+            IrLayout::SlimV2 => self.classif = head,
+            IrLayout::FacenetV1 => self.logits = head,
+        }
+    }
+}

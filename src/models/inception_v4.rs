@@ -1,0 +1,323 @@
+//! Inception-v4 (paper Fig. 9), in the TF-slim / timm layout: `features.0 ..= features.21`,
+//! then `last_linear`. The published layout matches the paper's figures block for block:
+//! stem (Fig. 3) = `features.0..=5`, 4 x Inception-A (Fig. 4), Reduction-A (Fig. 7, k,l,m,n =
+//! 192,224,256,384), 7 x Inception-B (Fig. 5), Reduction-B (Fig. 8), 3 x Inception-C (Fig. 6).
+
+use burn::module::Module;
+use burn::nn::pool::MaxPool2d;
+use burn::tensor::{Device, Tensor};
+
+use crate::layers::{
+    ConvBnAct, Layer, conv_chain, k, k1xn, knx1, max_pool_3s2, pool_proj, run_chain, run_layers,
+};
+use crate::models::{FeatureInfo, classifier};
+use burn::nn::Linear;
+
+/// Fig. 3, first split: 3x3 max pool || 3x3/2 conv 96, concatenated (pool first, 160 channels).
+#[derive(Module, Debug)]
+pub struct Mixed3a {
+    pub maxpool: MaxPool2d,
+    pub conv: ConvBnAct,
+}
+
+impl Mixed3a {
+    fn new(device: &Device) -> Self {
+        Self { maxpool: max_pool_3s2(), conv: ConvBnAct::new(64, 96, k(3).s2(), device) }
+    }
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        Tensor::cat(vec![self.maxpool.forward(x.clone()), self.conv.forward(x)], 1)
+    }
+}
+
+/// Fig. 3, second split: 1x1 64 -> 3x3 96 || 1x1 64 -> 7x1 64 -> 1x7 64 -> 3x3 96 (192 channels).
+#[derive(Module, Debug)]
+pub struct Mixed4a {
+    pub branch0: Vec<ConvBnAct>,
+    pub branch1: Vec<ConvBnAct>,
+}
+
+impl Mixed4a {
+    fn new(device: &Device) -> Self {
+        Self {
+            branch0: conv_chain(160, &[(64, k(1)), (96, k(3))], device),
+            branch1: conv_chain(160, &[(64, k(1)), (64, k1xn(7)), (64, knx1(7)), (96, k(3))], device),
+        }
+    }
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        Tensor::cat(vec![run_chain(&self.branch0, x.clone()), run_chain(&self.branch1, x)], 1)
+    }
+}
+
+/// Fig. 3, third split: 3x3/2 conv 192 || 3x3/2 max pool (384 channels).
+#[derive(Module, Debug)]
+pub struct Mixed5a {
+    pub conv: ConvBnAct,
+    pub maxpool: MaxPool2d,
+}
+
+impl Mixed5a {
+    fn new(device: &Device) -> Self {
+        Self { conv: ConvBnAct::new(192, 192, k(3).s2(), device), maxpool: max_pool_3s2() }
+    }
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        Tensor::cat(vec![self.conv.forward(x.clone()), self.maxpool.forward(x)], 1)
+    }
+}
+
+/// Fig. 4, Inception-A on 35x35x384: 1x1 96 || 1x1 64 -> 3x3 96 || 1x1 64 -> 3x3 96 -> 3x3 96 ||
+/// avg pool -> 1x1 96.
+#[derive(Module, Debug)]
+pub struct InceptionA {
+    pub branch0: ConvBnAct,
+    pub branch1: Vec<ConvBnAct>,
+    pub branch2: Vec<ConvBnAct>,
+    pub branch3: Vec<Layer>,
+}
+
+impl InceptionA {
+    fn new(device: &Device) -> Self {
+        Self {
+            branch0: ConvBnAct::new(384, 96, k(1), device),
+            branch1: conv_chain(384, &[(64, k(1)), (96, k(3).same())], device),
+            branch2: conv_chain(384, &[(64, k(1)), (96, k(3).same()), (96, k(3).same())], device),
+            branch3: pool_proj(384, 96, device),
+        }
+    }
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        Tensor::cat(
+            vec![
+                self.branch0.forward(x.clone()),
+                run_chain(&self.branch1, x.clone()),
+                run_chain(&self.branch2, x.clone()),
+                run_layers(&self.branch3, x),
+            ],
+            1,
+        )
+    }
+}
+
+/// Fig. 7, Reduction-A, shared by all three networks with their `(k, l, m, n)` (Table 1):
+/// 3x3/2 conv n || 1x1 k -> 3x3 l -> 3x3/2 m || 3x3/2 max pool.
+#[derive(Module, Debug)]
+pub struct ReductionA {
+    pub branch0: ConvBnAct,
+    pub branch1: Vec<ConvBnAct>,
+    pub branch2: MaxPool2d,
+}
+
+impl ReductionA {
+    pub fn new(cin: usize, [k_, l, m, n]: [usize; 4], device: &Device) -> Self {
+        Self {
+            branch0: ConvBnAct::new(cin, n, k(3).s2(), device),
+            branch1: conv_chain(cin, &[(k_, k(1)), (l, k(3).same()), (m, k(3).s2())], device),
+            branch2: max_pool_3s2(),
+        }
+    }
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        Tensor::cat(
+            vec![
+                self.branch0.forward(x.clone()),
+                run_chain(&self.branch1, x.clone()),
+                self.branch2.forward(x),
+            ],
+            1,
+        )
+    }
+}
+
+/// Fig. 5, Inception-B on 17x17x1024: 1x1 384 || 1x1 192 -> 1x7 224 -> 7x1 256 ||
+/// 1x1 192 -> 7x1 192 -> 1x7 224 -> 7x1 224 -> 1x7 256 || avg pool -> 1x1 128.
+#[derive(Module, Debug)]
+pub struct InceptionB {
+    pub branch0: ConvBnAct,
+    pub branch1: Vec<ConvBnAct>,
+    pub branch2: Vec<ConvBnAct>,
+    pub branch3: Vec<Layer>,
+}
+
+impl InceptionB {
+    fn new(device: &Device) -> Self {
+        Self {
+            branch0: ConvBnAct::new(1024, 384, k(1), device),
+            branch1: conv_chain(1024, &[(192, k(1)), (224, k1xn(7)), (256, knx1(7))], device),
+            branch2: conv_chain(
+                1024,
+                &[(192, k(1)), (192, knx1(7)), (224, k1xn(7)), (224, knx1(7)), (256, k1xn(7))],
+                device,
+            ),
+            branch3: pool_proj(1024, 128, device),
+        }
+    }
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        Tensor::cat(
+            vec![
+                self.branch0.forward(x.clone()),
+                run_chain(&self.branch1, x.clone()),
+                run_chain(&self.branch2, x.clone()),
+                run_layers(&self.branch3, x),
+            ],
+            1,
+        )
+    }
+}
+
+/// Fig. 8, Reduction-B: 1x1 192 -> 3x3/2 192 || 1x1 256 -> 1x7 256 -> 7x1 320 -> 3x3/2 320 ||
+/// 3x3/2 max pool (1536 channels).
+#[derive(Module, Debug)]
+pub struct ReductionB {
+    pub branch0: Vec<ConvBnAct>,
+    pub branch1: Vec<ConvBnAct>,
+    pub branch2: MaxPool2d,
+}
+
+impl ReductionB {
+    fn new(device: &Device) -> Self {
+        Self {
+            branch0: conv_chain(1024, &[(192, k(1)), (192, k(3).s2())], device),
+            branch1: conv_chain(
+                1024,
+                &[(256, k(1)), (256, k1xn(7)), (320, knx1(7)), (320, k(3).s2())],
+                device,
+            ),
+            branch2: max_pool_3s2(),
+        }
+    }
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        Tensor::cat(
+            vec![
+                run_chain(&self.branch0, x.clone()),
+                run_chain(&self.branch1, x.clone()),
+                self.branch2.forward(x),
+            ],
+            1,
+        )
+    }
+}
+
+/// Fig. 6, Inception-C on 8x8x1536: 1x1 256 || 1x1 384 -> (1x3 256 | 3x1 256) ||
+/// 1x1 384 -> 3x1 448 -> 1x3 512 -> (1x3 256 | 3x1 256) || avg pool -> 1x1 256.
+#[derive(Module, Debug)]
+pub struct InceptionC {
+    pub branch0: ConvBnAct,
+    pub branch1_0: ConvBnAct,
+    pub branch1_1a: ConvBnAct,
+    pub branch1_1b: ConvBnAct,
+    pub branch2_0: ConvBnAct,
+    pub branch2_1: ConvBnAct,
+    pub branch2_2: ConvBnAct,
+    pub branch2_3a: ConvBnAct,
+    pub branch2_3b: ConvBnAct,
+    pub branch3: Vec<Layer>,
+}
+
+impl InceptionC {
+    fn new(device: &Device) -> Self {
+        let c = |cin, cout, spec| ConvBnAct::new(cin, cout, spec, device);
+        Self {
+            branch0: c(1536, 256, k(1)),
+            branch1_0: c(1536, 384, k(1)),
+            branch1_1a: c(384, 256, k1xn(3)),
+            branch1_1b: c(384, 256, knx1(3)),
+            branch2_0: c(1536, 384, k(1)),
+            branch2_1: c(384, 448, knx1(3)),
+            branch2_2: c(448, 512, k1xn(3)),
+            branch2_3a: c(512, 256, k1xn(3)),
+            branch2_3b: c(512, 256, knx1(3)),
+            branch3: pool_proj(1536, 256, device),
+        }
+    }
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let x1 = self.branch1_0.forward(x.clone());
+        let x2 = self.branch2_2.forward(self.branch2_1.forward(self.branch2_0.forward(x.clone())));
+        Tensor::cat(
+            vec![
+                self.branch0.forward(x.clone()),
+                self.branch1_1a.forward(x1.clone()),
+                self.branch1_1b.forward(x1),
+                self.branch2_3a.forward(x2.clone()),
+                self.branch2_3b.forward(x2),
+                run_layers(&self.branch3, x),
+            ],
+            1,
+        )
+    }
+}
+
+/// One entry of `features`; variants are invisible in parameter paths (`features.6.branch0...`).
+#[derive(Module, Debug)]
+pub enum V4Block {
+    Conv(ConvBnAct),
+    Mixed3a(Mixed3a),
+    Mixed4a(Mixed4a),
+    Mixed5a(Mixed5a),
+    InceptionA(InceptionA),
+    ReductionA(ReductionA),
+    InceptionB(InceptionB),
+    ReductionB(ReductionB),
+    InceptionC(InceptionC),
+}
+
+impl V4Block {
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        match self {
+            V4Block::Conv(b) => b.forward(x),
+            V4Block::Mixed3a(b) => b.forward(x),
+            V4Block::Mixed4a(b) => b.forward(x),
+            V4Block::Mixed5a(b) => b.forward(x),
+            V4Block::InceptionA(b) => b.forward(x),
+            V4Block::ReductionA(b) => b.forward(x),
+            V4Block::InceptionB(b) => b.forward(x),
+            V4Block::ReductionB(b) => b.forward(x),
+            V4Block::InceptionC(b) => b.forward(x),
+        }
+    }
+}
+
+/// Inception-v4: `features` (stem + 4/7/3 blocks, 1536 channels at stride 32), global average
+/// pool, `last_linear`.
+#[derive(Module, Debug)]
+pub struct InceptionV4 {
+    pub features: Vec<V4Block>,
+    pub last_linear: Option<Linear>,
+}
+
+/// Output of `features.N` for N in these indices are the stages timm reports.
+const STAGE_ENDS: [usize; 5] = [2, 3, 9, 17, 21];
+
+impl InceptionV4 {
+    pub fn new(num_classes: usize, device: &Device) -> Self {
+        let mut f = vec![
+            V4Block::Conv(ConvBnAct::new(3, 32, k(3).s2(), device)),
+            V4Block::Conv(ConvBnAct::new(32, 32, k(3), device)),
+            V4Block::Conv(ConvBnAct::new(32, 64, k(3).same(), device)),
+            V4Block::Mixed3a(Mixed3a::new(device)),
+            V4Block::Mixed4a(Mixed4a::new(device)),
+            V4Block::Mixed5a(Mixed5a::new(device)),
+        ];
+        f.extend((0..4).map(|_| V4Block::InceptionA(InceptionA::new(device))));
+        f.push(V4Block::ReductionA(ReductionA::new(384, [192, 224, 256, 384], device)));
+        f.extend((0..7).map(|_| V4Block::InceptionB(InceptionB::new(device))));
+        f.push(V4Block::ReductionB(ReductionB::new(device)));
+        f.extend((0..3).map(|_| V4Block::InceptionC(InceptionC::new(device))));
+        Self { features: f, last_linear: classifier(1536, num_classes, device) }
+    }
+
+    pub fn feature_info() -> Vec<FeatureInfo> {
+        [(64, 2), (160, 4), (384, 8), (1024, 16), (1536, 32)]
+            .iter()
+            .zip(STAGE_ENDS)
+            .map(|(&(channels, reduction), i)| FeatureInfo { module: format!("features.{i}"), channels, reduction })
+            .collect()
+    }
+
+    /// Run the trunk, calling `tap(stage_index, &output)` after each stage end.
+    pub fn forward_features_tapped(&self, mut x: Tensor<4>, tap: &mut dyn FnMut(usize, &Tensor<4>)) -> Tensor<4> {
+        for (i, block) in self.features.iter().enumerate() {
+            x = block.forward(x);
+            if let Some(s) = STAGE_ENDS.iter().position(|&e| e == i) {
+                tap(s, &x);
+            }
+        }
+        x
+    }
+}

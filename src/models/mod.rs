@@ -1,0 +1,298 @@
+//! Model registry: names as in timm (dashes accepted), pretrained configs, and one `Model` type
+//! with the timm-style API (`forward`, `forward_features`, `forward_head`, `feature_info`,
+//! `reset_classifier`, `embed`).
+
+pub mod inception_resnet;
+pub mod inception_v4;
+
+use std::fmt;
+use std::str::FromStr;
+
+use burn::module::Module;
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::layers::{add_macs, global_avg_pool};
+use inception_resnet::{InceptionResnet, IrConfig};
+use inception_v4::InceptionV4;
+
+/// The networks we ship, by their timm names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    InceptionV4,
+    InceptionResnetV2,
+    InceptionResnetV1,
+}
+
+impl ModelKind {
+    pub const ALL: [ModelKind; 3] = [ModelKind::InceptionV4, ModelKind::InceptionResnetV2, ModelKind::InceptionResnetV1];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelKind::InceptionV4 => "inception_v4",
+            ModelKind::InceptionResnetV2 => "inception_resnet_v2",
+            ModelKind::InceptionResnetV1 => "inception_resnet_v1",
+        }
+    }
+
+    /// Preprocessing and provenance of the published weights.
+    pub fn pretrained(self) -> PretrainedCfg {
+        match self {
+            ModelKind::InceptionV4 => PretrainedCfg::imagenet("timm/inception_v4.tf_in1k", 0.875),
+            ModelKind::InceptionResnetV2 => PretrainedCfg::imagenet("timm/inception_resnet_v2.tf_in1k", 0.8975),
+            // facenet: aligned 160 px face crops, (x - 127.5) / 128.
+            ModelKind::InceptionResnetV1 => PretrainedCfg {
+                hub_id: None,
+                input_size: 160,
+                crop_pct: 1.0,
+                interpolation: Interpolation::Bilinear,
+                mean: [0.5; 3],
+                std: [128.0 / 255.0; 3],
+                num_classes: 0,
+            },
+        }
+    }
+}
+
+impl fmt::Display for ModelKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for ModelKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let norm = s.trim().to_ascii_lowercase().replace('-', "_");
+        let norm = norm.strip_prefix("timm/").unwrap_or(&norm);
+        let norm = norm.split('.').next().unwrap_or(norm);
+        ModelKind::ALL
+            .into_iter()
+            .find(|k| k.name() == norm)
+            .ok_or_else(|| Error::UnknownModel { name: s.to_string(), known: ModelKind::ALL.map(|k| k.name()).join(", ") })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Interpolation {
+    Bicubic,
+    Bilinear,
+}
+
+/// timm's `pretrained_cfg` subset that decides preprocessing.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PretrainedCfg {
+    pub hub_id: Option<String>,
+    pub input_size: usize,
+    pub crop_pct: f64,
+    pub interpolation: Interpolation,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    pub num_classes: usize,
+}
+
+impl PretrainedCfg {
+    fn imagenet(hub_id: &str, crop_pct: f64) -> Self {
+        Self {
+            hub_id: Some(hub_id.to_string()),
+            input_size: 299,
+            crop_pct,
+            interpolation: Interpolation::Bicubic,
+            mean: [0.5; 3],
+            std: [0.5; 3],
+            num_classes: 1000,
+        }
+    }
+}
+
+/// One stage output as timm's `feature_info` reports it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct FeatureInfo {
+    pub module: String,
+    pub channels: usize,
+    pub reduction: usize,
+}
+
+/// What a model is built from; written next to checkpoints and results.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ModelConfig {
+    pub model: ModelKind,
+    pub num_classes: usize,
+}
+
+/// A linear classifier, `None` when the model has 0 classes (timm's `Identity`).
+pub fn classifier(cin: usize, num_classes: usize, device: &Device) -> Option<Linear> {
+    (num_classes > 0).then(|| LinearConfig::new(cin, num_classes).init(device))
+}
+
+pub fn linear_counted(l: &Linear, x: Tensor<2>) -> Tensor<2> {
+    let [i, o] = l.weight.dims();
+    add_macs((x.dims()[0] * i * o) as u64);
+    l.forward(x)
+}
+
+#[derive(Module, Debug)]
+pub enum Model {
+    V4(InceptionV4),
+    Ir(InceptionResnet),
+}
+
+impl Model {
+    pub fn new(cfg: &ModelConfig, device: &Device) -> Self {
+        match cfg.model {
+            ModelKind::InceptionV4 => Model::V4(InceptionV4::new(cfg.num_classes, device)),
+            ModelKind::InceptionResnetV2 => Model::Ir(InceptionResnet::new(&IrConfig::slim_v2(cfg.num_classes), device)),
+            ModelKind::InceptionResnetV1 => {
+                Model::Ir(InceptionResnet::new(&IrConfig::facenet_v1(cfg.num_classes), device))
+            }
+        }
+    }
+
+    pub fn kind(&self) -> ModelKind {
+        match self {
+            Model::V4(_) => ModelKind::InceptionV4,
+            Model::Ir(m) => match m.layout {
+                inception_resnet::IrLayout::SlimV2 => ModelKind::InceptionResnetV2,
+                inception_resnet::IrLayout::FacenetV1 => ModelKind::InceptionResnetV1,
+            },
+        }
+    }
+
+    pub fn config(&self) -> ModelConfig {
+        ModelConfig { model: self.kind(), num_classes: self.num_classes() }
+    }
+
+    fn head(&self) -> &Option<Linear> {
+        match self {
+            Model::V4(m) => &m.last_linear,
+            Model::Ir(m) => m.classifier_ref(),
+        }
+    }
+
+    pub fn num_classes(&self) -> usize {
+        self.head().as_ref().map_or(0, |l| l.weight.dims()[1])
+    }
+
+    /// Width of `forward_head(.., pre_logits = true)`.
+    pub fn num_features(&self) -> usize {
+        match self {
+            Model::V4(_) => 1536,
+            Model::Ir(m) => match m.layout {
+                inception_resnet::IrLayout::SlimV2 => 1536,
+                inception_resnet::IrLayout::FacenetV1 => 512,
+            },
+        }
+    }
+
+    /// Replace the classifier by a fresh one with `num_classes` outputs (0 removes it).
+    pub fn reset_classifier(mut self, num_classes: usize, device: &Device) -> Self {
+        let cin = self.num_features();
+        let head = classifier(cin, num_classes, device);
+        match &mut self {
+            Model::V4(m) => m.last_linear = head,
+            Model::Ir(m) => m.set_classifier(head),
+        }
+        self
+    }
+
+    pub fn feature_info(&self) -> Vec<FeatureInfo> {
+        match self {
+            Model::V4(_) => InceptionV4::feature_info(),
+            Model::Ir(m) => InceptionResnet::feature_info(m.layout),
+        }
+    }
+
+    /// Trunk up to the last feature map, calling `tap(stage, &output)` at each `feature_info` stage.
+    pub fn forward_features_tapped(&self, x: Tensor<4>, tap: &mut dyn FnMut(usize, &Tensor<4>)) -> Tensor<4> {
+        match self {
+            Model::V4(m) => m.forward_features_tapped(x, tap),
+            Model::Ir(m) => m.forward_features_tapped(x, tap),
+        }
+    }
+
+    /// Last feature map `[N, C, H/32, W/32]` (before global pooling).
+    pub fn forward_features(&self, x: Tensor<4>) -> Tensor<4> {
+        self.forward_features_tapped(x, &mut |_, _| {})
+    }
+
+    /// Every `feature_info` stage output, in order.
+    pub fn forward_stages(&self, x: Tensor<4>) -> Vec<Tensor<4>> {
+        let mut out = Vec::new();
+        self.forward_features_tapped(x, &mut |_, t| out.push(t.clone()));
+        out
+    }
+
+    /// Global pool (+ the facenet bottleneck) and, unless `pre_logits`, the classifier.
+    pub fn forward_head(&self, features: Tensor<4>, pre_logits: bool) -> Tensor<2> {
+        let pooled = global_avg_pool(features);
+        let pre = match self {
+            Model::V4(_) => pooled,
+            Model::Ir(m) => m.pre_logits(pooled),
+        };
+        match (pre_logits, self.head()) {
+            (false, Some(l)) => linear_counted(l, pre),
+            _ => pre,
+        }
+    }
+
+    /// Logits `[N, num_classes]` (pre-logits when the model has no classifier).
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        let f = self.forward_features(x);
+        self.forward_head(f, false)
+    }
+
+    /// Embedding: IR-v1's L2-normalised 512-d face embedding; pooled features for the others.
+    pub fn embed(&self, x: Tensor<4>) -> Tensor<2> {
+        let pre = self.forward_head(self.forward_features(x), true);
+        match self.kind() {
+            ModelKind::InceptionResnetV1 => l2_normalize(pre),
+            _ => pre,
+        }
+    }
+
+    /// Trainable parameters (BatchNorm running statistics excluded), as timm counts them.
+    pub fn num_params(&self) -> usize {
+        crate::weights::param_shapes(self)
+            .iter()
+            .filter(|(k, _)| !k.ends_with("running_mean") && !k.ends_with("running_var"))
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
+    }
+}
+
+/// `x / max(||x||_2, 1e-12)` along dim 1, as `torch.nn.functional.normalize`.
+pub fn l2_normalize(x: Tensor<2>) -> Tensor<2> {
+    let norm = x.clone().powi_scalar(2).sum_dim(1).sqrt().clamp_min(1e-12);
+    x / norm
+}
+
+/// Which `feature_info` stage a checkpoint key belongs to (`None`: the head).
+pub fn stage_of_key(kind: ModelKind, key: &str) -> Option<usize> {
+    let first = key.split('.').next().unwrap_or("");
+    match kind {
+        ModelKind::InceptionV4 => {
+            let idx: usize = key.strip_prefix("features.")?.split('.').next()?.parse().ok()?;
+            [2usize, 3, 9, 17, 21].iter().position(|&end| idx <= end)
+        }
+        ModelKind::InceptionResnetV2 => match first {
+            "conv2d_1a" | "conv2d_2a" | "conv2d_2b" => Some(0),
+            "conv2d_3b" | "conv2d_4a" => Some(1),
+            "mixed_5b" | "repeat" => Some(2),
+            "mixed_6a" | "repeat_1" => Some(3),
+            "mixed_7a" | "repeat_2" | "block8" | "conv2d_7b" => Some(4),
+            _ => None,
+        },
+        ModelKind::InceptionResnetV1 => match first {
+            "conv2d_1a" | "conv2d_2a" | "conv2d_2b" => Some(0),
+            "conv2d_3b" | "conv2d_4a" => Some(1),
+            "conv2d_4b" | "repeat_1" => Some(2),
+            "mixed_6a" | "repeat_2" => Some(3),
+            "mixed_7a" | "repeat_3" | "block8" => Some(4),
+            _ => None,
+        },
+    }
+}

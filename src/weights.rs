@@ -1,0 +1,319 @@
+//! Strict safetensors import and export with the reference key names.
+//!
+//! A parameter's key is its burn module path with three rules: enum variants are invisible
+//! (`features.6.branch0` rather than `features.6.InceptionA.branch0`), BatchNorm `gamma`/`beta`
+//! are `weight`/`bias`, and linear weights are stored `[out, in]` as PyTorch does (burn keeps
+//! `[in, out]`). The only renaming beyond that is `key_remap` below.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::{Tensor, TensorData};
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{Error, KeyProblem, Result};
+use crate::models::{Model, ModelKind};
+
+/// Checkpoint names that differ from our field names: facenet-pytorch numbers its residual
+/// stages from 1 (`repeat_1..3`), timm's IR-v2 (whose names our fields use) from 0
+/// (`repeat`, `repeat_1`, `repeat_2`).
+fn key_remap(kind: ModelKind) -> &'static [(&'static str, &'static str)] {
+    match kind {
+        ModelKind::InceptionResnetV1 => &[("repeat_2", "repeat_3"), ("repeat_1", "repeat_2"), ("repeat", "repeat_1")],
+        _ => &[],
+    }
+}
+
+/// Our module path -> checkpoint key.
+fn checkpoint_key(kind: ModelKind, path: &[String]) -> String {
+    let mut parts: Vec<String> = path.to_vec();
+    if let Some(first) = parts.first_mut() {
+        if let Some((_, to)) = key_remap(kind).iter().find(|(from, _)| first == from) {
+            *first = to.to_string();
+        }
+    }
+    if let Some(last) = parts.last_mut() {
+        match last.as_str() {
+            "gamma" => *last = "weight".into(),
+            "beta" => *last = "bias".into(),
+            _ => {}
+        }
+    }
+    parts.join(".")
+}
+
+/// Is this a linear weight (stored transposed in checkpoints)?
+fn is_linear_weight(key: &str, rank: usize) -> bool {
+    rank == 2 && key.ends_with(".weight")
+}
+
+#[derive(Default)]
+struct PathTracker {
+    path: Vec<String>,
+    /// Depth of each entered module, `false` when it was an enum variant (not pushed).
+    pushed: Vec<bool>,
+}
+
+impl PathTracker {
+    fn enter(&mut self, name: &str, container: &str) {
+        let push = !container.starts_with("Enum:");
+        if push {
+            self.path.push(name.to_string());
+        }
+        self.pushed.push(push);
+    }
+    fn exit(&mut self) {
+        if self.pushed.pop() == Some(true) {
+            self.path.pop();
+        }
+    }
+    fn leaf(&self, kind: ModelKind) -> String {
+        checkpoint_key(kind, &self.path)
+    }
+}
+
+struct ShapeCollector {
+    kind: ModelKind,
+    tracker: PathTracker,
+    out: Vec<(String, Vec<usize>)>,
+}
+
+impl ModuleVisitor for ShapeCollector {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.tracker.enter(name, container_type);
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.tracker.exit();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let key = self.tracker.leaf(self.kind);
+        let mut shape = param.lazy_shape().to_vec();
+        if is_linear_weight(&key, D) {
+            shape.reverse();
+        }
+        self.out.push((key, shape));
+    }
+}
+
+/// Every float tensor of the model (parameters and BN running statistics) as
+/// `(checkpoint key, checkpoint shape)`, in module order.
+pub fn param_shapes(model: &Model) -> Vec<(String, Vec<usize>)> {
+    let mut v = ShapeCollector { kind: model.kind(), tracker: PathTracker::default(), out: Vec::new() };
+    model.visit(&mut v);
+    v.out
+}
+
+/// Options of `load`.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// The user asked for a class count other than the file's: classifier tensors of the file
+    /// are ignored and the model keeps its fresh classifier.
+    pub new_classifier: bool,
+}
+
+fn classifier_prefix(kind: ModelKind) -> &'static str {
+    match kind {
+        ModelKind::InceptionV4 => "last_linear.",
+        ModelKind::InceptionResnetV2 => "classif.",
+        ModelKind::InceptionResnetV1 => "logits.",
+    }
+}
+
+/// A float tensor read from a file, converted to f32.
+pub struct FileTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+fn to_f32(view: &safetensors::tensor::TensorView<'_>) -> Option<Vec<f32>> {
+    let b = view.data();
+    let v = match view.dtype() {
+        Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::F16 => b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::BF16 => b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::F64 => b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f32).collect(),
+        _ => return None,
+    };
+    Some(v)
+}
+
+/// Read a whole safetensors file; header and offsets are validated by the `safetensors` crate.
+pub fn read_file(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })
+}
+
+pub fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>> {
+    SafeTensors::deserialize(bytes)
+        .map_err(|e| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() })
+}
+
+/// One float tensor of a parsed file, converted to f32.
+pub fn tensor_f32(path: &Path, st: &SafeTensors<'_>, key: &str) -> Result<FileTensor> {
+    let view = st.tensor(key).map_err(|_| Error::MissingTensor { path: path.to_path_buf(), key: key.to_string() })?;
+    let data = to_f32(&view).ok_or_else(|| {
+        Error::Invalid(format!("{}: tensor '{key}' has dtype {:?}, expected a float type", path.display(), view.dtype()))
+    })?;
+    Ok(FileTensor { shape: view.shape().to_vec(), data })
+}
+
+/// Check a file against the model strictly: every problem is collected into one error.
+fn check(
+    model: &Model,
+    path: &Path,
+    st: &SafeTensors<'_>,
+    opts: &LoadOptions,
+) -> Result<HashMap<String, FileTensor>> {
+    let kind = model.kind();
+    let skip_head = |k: &str| opts.new_classifier && k.starts_with(classifier_prefix(kind));
+    let expected = param_shapes(model);
+    let mut problems = Vec::new();
+    let mut tensors = HashMap::new();
+    for (key, exp) in &expected {
+        if skip_head(key) {
+            continue;
+        }
+        match st.tensor(key) {
+            Err(_) => problems.push(KeyProblem::Missing { key: key.clone(), expected: exp.clone() }),
+            Ok(view) => {
+                if view.shape() != exp.as_slice() {
+                    problems.push(KeyProblem::Shape { key: key.clone(), expected: exp.clone(), found: view.shape().to_vec() });
+                } else if let Some(data) = to_f32(&view) {
+                    tensors.insert(key.clone(), FileTensor { shape: exp.clone(), data });
+                } else {
+                    problems.push(KeyProblem::Dtype { key: key.clone(), dtype: format!("{:?}", view.dtype()) });
+                }
+            }
+        }
+    }
+    let known: std::collections::HashSet<&str> = expected.iter().map(|(k, _)| k.as_str()).collect();
+    let mut names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
+    names.sort();
+    for name in names {
+        if known.contains(name.as_str()) || name.ends_with("num_batches_tracked") || skip_head(&name) {
+            continue;
+        }
+        let found = st.tensor(&name).map(|v| v.shape().to_vec()).unwrap_or_default();
+        problems.push(KeyProblem::Unexpected { key: name, found });
+    }
+    if problems.is_empty() {
+        Ok(tensors)
+    } else {
+        Err(Error::WeightMismatch { path: path.to_path_buf(), model: kind.name().to_string(), problems })
+    }
+}
+
+struct Applier {
+    kind: ModelKind,
+    tracker: PathTracker,
+    tensors: HashMap<String, FileTensor>,
+}
+
+impl ModuleMapper for Applier {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.tracker.enter(name, container_type);
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.tracker.exit();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let key = self.tracker.leaf(self.kind);
+        let Some(t) = self.tensors.remove(&key) else { return param };
+        let device = param.lazy_device();
+        let id = param.id;
+        let tensor = Tensor::<D>::from_data(TensorData::new(t.data, t.shape.clone()), &device);
+        let tensor = if is_linear_weight(&key, D) { tensor.transpose() } else { tensor };
+        param.transform_for_load(tensor, id)
+    }
+}
+
+/// Load a safetensors file into `model` strictly (see `LoadOptions`).
+pub fn load(model: Model, path: &Path, opts: &LoadOptions) -> Result<Model> {
+    let bytes = read_file(path)?;
+    let st = parse(path, &bytes)?;
+    let tensors = check(&model, path, &st, opts)?;
+    let mut applier = Applier { kind: model.kind(), tracker: PathTracker::default(), tensors };
+    Ok(model.map(&mut applier))
+}
+
+struct Exporter {
+    kind: ModelKind,
+    tracker: PathTracker,
+    out: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+}
+
+impl ModuleVisitor for Exporter {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.tracker.enter(name, container_type);
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.tracker.exit();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let key = self.tracker.leaf(self.kind);
+        let mut t = param.val();
+        if is_linear_weight(&key, D) {
+            t = t.transpose();
+        }
+        let shape = t.dims().to_vec();
+        let data = t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default();
+        self.out.insert(key, (shape, data));
+    }
+}
+
+/// All tensors of the model under their checkpoint keys, `[out, in]` linears.
+pub fn export_tensors(model: &Model) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let mut e = Exporter { kind: model.kind(), tracker: PathTracker::default(), out: BTreeMap::new() };
+    model.visit(&mut e);
+    e.out
+}
+
+/// Write f32 tensors to a safetensors file atomically (temp file in the same folder + rename),
+/// with string metadata (e.g. the model config as JSON).
+pub fn save_tensors(
+    path: &Path,
+    tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(k, (shape, data))| {
+            let bytes: &[u8] = bytemuck_f32(data);
+            safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytes)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| Error::Invalid(format!("tensor '{k}': {e}")))
+        })
+        .collect::<Result<_>>()?;
+    let bytes = safetensors::serialize(views, metadata)
+        .map_err(|e| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() })?;
+    write_atomic(path, &bytes)
+}
+
+fn bytemuck_f32(data: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding or invalid bit patterns; the slice covers exactly the data.
+    unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, std::mem::size_of_val(data)) }
+}
+
+/// Write bytes to `path` via a temporary file in the same directory and a rename, so a crash
+/// never leaves a half-written file under the final name.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let io = |source| Error::Io { path: path.to_path_buf(), source };
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "out".into());
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// Save the model's weights with the reference key names (loadable by timm / facenet-pytorch
+/// `load_state_dict(strict=False)` and by `load`), with the model config as metadata.
+pub fn save_model(model: &Model, path: &Path) -> Result<()> {
+    let cfg = serde_json::to_string(&model.config()).map_err(|e| Error::Invalid(e.to_string()))?;
+    let meta = HashMap::from([("inception_config".to_string(), cfg), ("format".to_string(), "pt".to_string())]);
+    save_tensors(path, &export_tensors(model), Some(meta))
+}
