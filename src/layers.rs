@@ -137,6 +137,8 @@ pub fn avg_pool_3s1() -> AvgPool2d {
 
 /// One element of a sequential branch. Enum variants do not appear in parameter paths, so a
 /// branch `Vec<Layer>` has the keys of a PyTorch `nn.Sequential`: `branch3.1.conv.weight`.
+// Built once per model; the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Layer {
     Conv(ConvBnAct),

@@ -84,9 +84,11 @@ fn device(name: &str) -> Result<Device> {
         "vulkan" | "gpu" => Ok(Device::vulkan(burn::tensor::DeviceKind::DiscreteGpu(0))),
         #[cfg(feature = "cuda")]
         "cuda" => Ok(Device::cuda(0)),
-        other => bail!("device '{other}' is not available in this build (cpu{}{})",
+        other => bail!(
+            "device '{other}' is not available in this build (cpu{}{})",
             if cfg!(feature = "vulkan") { ", vulkan" } else { "" },
-            if cfg!(feature = "cuda") { ", cuda" } else { "" }),
+            if cfg!(feature = "cuda") { ", cuda" } else { "" }
+        ),
     }
 }
 
@@ -125,7 +127,14 @@ struct Prediction {
     top: Vec<(usize, String, f32)>,
 }
 
-fn classify(model: &str, weights_path: Option<&Path>, top: usize, json: bool, images: &[PathBuf], dev: &Device) -> Result<bool> {
+fn classify(
+    model: &str,
+    weights_path: Option<&Path>,
+    top: usize,
+    json: bool,
+    images: &[PathBuf],
+    dev: &Device,
+) -> Result<bool> {
     let m = load_model(model, weights_path, dev)?;
     let cfg = m.kind().pretrained();
     let names = if m.num_classes() == 1000 { labels::imagenet() } else { Vec::new() };
@@ -164,7 +173,15 @@ fn classify(model: &str, weights_path: Option<&Path>, top: usize, json: bool, im
     Ok(ok)
 }
 
-fn embed(model: &str, weights_path: Option<&Path>, layer: &str, out: &Path, batch: usize, inputs: &[PathBuf], dev: &Device) -> Result<bool> {
+fn embed(
+    model: &str,
+    weights_path: Option<&Path>,
+    layer: &str,
+    out: &Path,
+    batch: usize,
+    inputs: &[PathBuf],
+    dev: &Device,
+) -> Result<bool> {
     let m = load_model(model, weights_path, dev)?;
     let cfg = m.kind().pretrained();
     let stage = if layer == "pooled" {
@@ -172,7 +189,10 @@ fn embed(model: &str, weights_path: Option<&Path>, layer: &str, out: &Path, batc
     } else {
         let info = m.feature_info();
         Some(info.iter().position(|f| f.module == layer).with_context(|| {
-            format!("unknown layer '{layer}' (pooled, {})", info.iter().map(|f| f.module.as_str()).collect::<Vec<_>>().join(", "))
+            format!(
+                "unknown layer '{layer}' (pooled, {})",
+                info.iter().map(|f| f.module.as_str()).collect::<Vec<_>>().join(", ")
+            )
         })?)
     };
     let paths = preprocess::collect_images(inputs)?;
@@ -231,7 +251,11 @@ fn compare(shape: &[usize], got: &[f32], expected: &weights::FileTensor, atol: f
         eprintln!("shape mismatch: expected {:?}, got {:?}", expected.shape, shape);
         return (false, f32::INFINITY);
     }
-    let diff = got.iter().zip(&expected.data).map(|(a, b)| (a - b).abs()).fold(0f32, |m, d| if d.is_nan() { f32::NAN } else { m.max(d) });
+    let diff = got
+        .iter()
+        .zip(&expected.data)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, |m, d| if d.is_nan() { f32::NAN } else { m.max(d) });
     (diff <= atol, diff)
 }
 
@@ -281,7 +305,9 @@ fn check(model: &str, weights_path: &Path, inputs: &Path, atol: f32, dev: &Devic
 fn run(cli: Cli) -> Result<bool> {
     let dev = device(&cli.device)?;
     match cli.cmd {
-        Cmd::Classify { model, weights, top, json, images } => classify(&model, weights.as_deref(), top, json, &images, &dev),
+        Cmd::Classify { model, weights, top, json, images } => {
+            classify(&model, weights.as_deref(), top, json, &images, &dev)
+        }
         Cmd::Embed { model, weights, layer, out, batch, inputs } => {
             embed(&model, weights.as_deref(), &layer, &out, batch, &inputs, &dev)
         }

@@ -54,7 +54,12 @@ pub fn summarize(model: &Model, size: usize, device: &Device) -> Result<Summary>
         });
     });
     let out = model.forward_head(feats, false);
-    rows.push(StageRow { name: "head".into(), output: out.dims().to_vec(), params: params[info.len()], macs: take_macs() });
+    rows.push(StageRow {
+        name: "head".into(),
+        output: out.dims().to_vec(),
+        params: params[info.len()],
+        macs: take_macs(),
+    });
     Ok(Summary {
         model: kind.name().to_string(),
         input_size: size,
@@ -81,7 +86,7 @@ pub fn group(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

@@ -26,12 +26,12 @@ fn key_remap(kind: ModelKind) -> &'static [(&'static str, &'static str)] {
 }
 
 /// Our module path -> checkpoint key.
-fn checkpoint_key(kind: ModelKind, path: &[String]) -> String {
+fn checkpoint_key(remap: &[(&str, &str)], path: &[String]) -> String {
     let mut parts: Vec<String> = path.to_vec();
-    if let Some(first) = parts.first_mut() {
-        if let Some((_, to)) = key_remap(kind).iter().find(|(from, _)| first == from) {
-            *first = to.to_string();
-        }
+    if let Some(first) = parts.first_mut()
+        && let Some((_, to)) = remap.iter().find(|(from, _)| first == from)
+    {
+        *first = to.to_string();
     }
     if let Some(last) = parts.last_mut() {
         match last.as_str() {
@@ -69,7 +69,7 @@ impl PathTracker {
         }
     }
     fn leaf(&self, kind: ModelKind) -> String {
-        checkpoint_key(kind, &self.path)
+        checkpoint_key(key_remap(kind), &self.path)
     }
 }
 
@@ -144,26 +144,24 @@ pub fn read_file(path: &Path) -> Result<Vec<u8>> {
 }
 
 pub fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>> {
-    SafeTensors::deserialize(bytes)
-        .map_err(|e| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() })
+    SafeTensors::deserialize(bytes).map_err(|e| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() })
 }
 
 /// One float tensor of a parsed file, converted to f32.
 pub fn tensor_f32(path: &Path, st: &SafeTensors<'_>, key: &str) -> Result<FileTensor> {
     let view = st.tensor(key).map_err(|_| Error::MissingTensor { path: path.to_path_buf(), key: key.to_string() })?;
     let data = to_f32(&view).ok_or_else(|| {
-        Error::Invalid(format!("{}: tensor '{key}' has dtype {:?}, expected a float type", path.display(), view.dtype()))
+        Error::Invalid(format!(
+            "{}: tensor '{key}' has dtype {:?}, expected a float type",
+            path.display(),
+            view.dtype()
+        ))
     })?;
     Ok(FileTensor { shape: view.shape().to_vec(), data })
 }
 
 /// Check a file against the model strictly: every problem is collected into one error.
-fn check(
-    model: &Model,
-    path: &Path,
-    st: &SafeTensors<'_>,
-    opts: &LoadOptions,
-) -> Result<HashMap<String, FileTensor>> {
+fn check(model: &Model, path: &Path, st: &SafeTensors<'_>, opts: &LoadOptions) -> Result<HashMap<String, FileTensor>> {
     let kind = model.kind();
     let skip_head = |k: &str| opts.new_classifier && k.starts_with(classifier_prefix(kind));
     let expected = param_shapes(model);
@@ -177,7 +175,11 @@ fn check(
             Err(_) => problems.push(KeyProblem::Missing { key: key.clone(), expected: exp.clone() }),
             Ok(view) => {
                 if view.shape() != exp.as_slice() {
-                    problems.push(KeyProblem::Shape { key: key.clone(), expected: exp.clone(), found: view.shape().to_vec() });
+                    problems.push(KeyProblem::Shape {
+                        key: key.clone(),
+                        expected: exp.clone(),
+                        found: view.shape().to_vec(),
+                    });
                 } else if let Some(data) = to_f32(&view) {
                     tensors.insert(key.clone(), FileTensor { shape: exp.clone(), data });
                 } else {
@@ -203,13 +205,17 @@ fn check(
     }
 }
 
-struct Applier {
-    kind: ModelKind,
+/// `(checkpoint key, checkpoint shape) -> data`, `None` to keep the current value.
+pub type TensorSource<'a> = dyn FnMut(&str, &[usize]) -> Option<Vec<f32>> + 'a;
+
+/// Replaces every float tensor whose checkpoint key the source knows.
+struct Applier<'a> {
+    remap: &'static [(&'static str, &'static str)],
     tracker: PathTracker,
-    tensors: HashMap<String, FileTensor>,
+    source: &'a mut TensorSource<'a>,
 }
 
-impl ModuleMapper for Applier {
+impl ModuleMapper for Applier<'_> {
     fn enter_module(&mut self, name: &str, container_type: &str) {
         self.tracker.enter(name, container_type);
     }
@@ -217,22 +223,35 @@ impl ModuleMapper for Applier {
         self.tracker.exit();
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let key = self.tracker.leaf(self.kind);
-        let Some(t) = self.tensors.remove(&key) else { return param };
+        let key = checkpoint_key(self.remap, &self.tracker.path);
+        let linear = is_linear_weight(&key, D);
+        let mut shape = param.lazy_shape().to_vec();
+        if linear {
+            shape.reverse();
+        }
+        let Some(data) = (self.source)(&key, &shape) else { return param };
         let device = param.lazy_device();
         let id = param.id;
-        let tensor = Tensor::<D>::from_data(TensorData::new(t.data, t.shape.clone()), &device);
-        let tensor = if is_linear_weight(&key, D) { tensor.transpose() } else { tensor };
+        let tensor = Tensor::<D>::from_data(TensorData::new(data, shape), &device);
+        let tensor = if linear { tensor.transpose() } else { tensor };
         param.transform_for_load(tensor, id)
     }
+}
+
+/// Set the tensors of any module from `source(checkpoint key, checkpoint shape)`; tensors for
+/// which it returns `None` keep their value. The data must have the shape's element count.
+pub fn fill<M: Module>(module: M, source: &mut TensorSource<'_>) -> M {
+    let mut applier = Applier { remap: &[], tracker: PathTracker::default(), source };
+    module.map(&mut applier)
 }
 
 /// Load a safetensors file into `model` strictly (see `LoadOptions`).
 pub fn load(model: Model, path: &Path, opts: &LoadOptions) -> Result<Model> {
     let bytes = read_file(path)?;
     let st = parse(path, &bytes)?;
-    let tensors = check(&model, path, &st, opts)?;
-    let mut applier = Applier { kind: model.kind(), tracker: PathTracker::default(), tensors };
+    let mut tensors = check(&model, path, &st, opts)?;
+    let mut source = |key: &str, _: &[usize]| tensors.remove(key).map(|t| t.data);
+    let mut applier = Applier { remap: key_remap(model.kind()), tracker: PathTracker::default(), source: &mut source };
     Ok(model.map(&mut applier))
 }
 

@@ -115,17 +115,25 @@ pub struct ResBlock {
     pub act: bool,
 }
 
+/// Inception-ResNet-A (Block35), -B (Block17) or -C (Block8).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResKind {
+    A,
+    B,
+    C,
+}
+
 /// Kernels of the non-1x1 steps of a branch: A uses 3x3s, B 1x7 then 7x1, C 1x3 then 3x1.
-fn branch_kernels(kind: char) -> [ConvSpec; 2] {
+fn branch_kernels(kind: ResKind) -> [ConvSpec; 2] {
     match kind {
-        'A' => [k(3).same(), k(3).same()],
-        'B' => [k1xn(7), knx1(7)],
-        _ => [k1xn(3), knx1(3)],
+        ResKind::A => [k(3).same(), k(3).same()],
+        ResKind::B => [k1xn(7), knx1(7)],
+        ResKind::C => [k1xn(3), knx1(3)],
     }
 }
 
 impl ResBlock {
-    fn new(kind: char, s: &ResBlockSpec, scale: f64, act: bool, device: &Device) -> Self {
+    pub fn new(kind: ResKind, s: &ResBlockSpec, scale: f64, act: bool, device: &Device) -> Self {
         let ks = branch_kernels(kind);
         let chain = |widths: &[usize]| -> Vec<ConvBnAct> {
             let steps: Vec<(usize, ConvSpec)> =
@@ -167,19 +175,35 @@ pub struct ReductionB {
 }
 
 impl ReductionB {
-    fn new(cin: usize, widths: &[Vec<usize>; 3], device: &Device) -> Self {
+    pub fn new(cin: usize, widths: &[Vec<usize>; 3], device: &Device) -> Self {
         let chain = |w: &[usize]| {
             let steps: Vec<(usize, ConvSpec)> = w
                 .iter()
                 .enumerate()
-                .map(|(i, &c)| (c, if i == 0 { k(1) } else if i + 1 == w.len() { k(3).s2() } else { k(3).same() }))
+                .map(|(i, &c)| {
+                    (
+                        c,
+                        if i == 0 {
+                            k(1)
+                        } else if i + 1 == w.len() {
+                            k(3).s2()
+                        } else {
+                            k(3).same()
+                        },
+                    )
+                })
                 .collect();
             conv_chain(cin, &steps, device)
         };
-        Self { branch0: chain(&widths[0]), branch1: chain(&widths[1]), branch2: chain(&widths[2]), branch3: max_pool_3s2() }
+        Self {
+            branch0: chain(&widths[0]),
+            branch1: chain(&widths[1]),
+            branch2: chain(&widths[2]),
+            branch3: max_pool_3s2(),
+        }
     }
 
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         Tensor::cat(
             vec![
                 run_chain(&self.branch0, x.clone()),
@@ -203,7 +227,7 @@ pub struct Mixed5b {
 }
 
 impl Mixed5b {
-    fn new(device: &Device) -> Self {
+    pub fn new(device: &Device) -> Self {
         Self {
             branch0: ConvBnAct::new(192, 96, k(1), device),
             branch1: conv_chain(192, &[(48, k(1)), (64, k(5).same())], device),
@@ -211,7 +235,7 @@ impl Mixed5b {
             branch3: pool_proj(192, 64, device),
         }
     }
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         Tensor::cat(
             vec![
                 self.branch0.forward(x.clone()),
@@ -258,7 +282,7 @@ impl InceptionResnet {
     pub fn new(cfg: &IrConfig, device: &Device) -> Self {
         let v2 = cfg.layout == IrLayout::SlimV2;
         let (a, b, c) = (&cfg.block_a, &cfg.block_b, &cfg.block_c);
-        let stage = |kind: char, s: &ResBlockSpec, n: usize, scale: f64| -> Vec<ResBlock> {
+        let stage = |kind: ResKind, s: &ResBlockSpec, n: usize, scale: f64| -> Vec<ResBlock> {
             (0..n).map(|_| ResBlock::new(kind, s, scale, true, device)).collect()
         };
         let stem_out = if v2 { 320 } else { 256 };
@@ -273,12 +297,12 @@ impl InceptionResnet {
             conv2d_4b: (!v2).then(|| ConvBnAct::new(192, 256, k(3).s2(), device)),
             maxpool_5a: v2.then(max_pool_3s2),
             mixed_5b: v2.then(|| Mixed5b::new(device)),
-            repeat: stage('A', a, cfg.repeats[0], cfg.scales[0]),
+            repeat: stage(ResKind::A, a, cfg.repeats[0], cfg.scales[0]),
             mixed_6a: ReductionA::new(a.channels, cfg.reduction_a, device),
-            repeat_1: stage('B', b, cfg.repeats[1], cfg.scales[1]),
+            repeat_1: stage(ResKind::B, b, cfg.repeats[1], cfg.scales[1]),
             mixed_7a: ReductionB::new(b.channels, &cfg.reduction_b, device),
-            repeat_2: stage('C', c, cfg.repeats[2], cfg.scales[2]),
-            block8: ResBlock::new('C', c, cfg.last_scale, false, device),
+            repeat_2: stage(ResKind::C, c, cfg.repeats[2], cfg.scales[2]),
+            block8: ResBlock::new(ResKind::C, c, cfg.last_scale, false, device),
             conv2d_7b: v2.then(|| ConvBnAct::new(c.channels, 1536, k(1), device)),
             classif: if v2 { classifier(1536, cfg.num_classes, device) } else { None },
             last_linear: (!v2).then(|| LinearConfig::new(c.channels, 512).with_bias(false).init(device)),

@@ -7,9 +7,7 @@ use burn::module::Module;
 use burn::nn::pool::MaxPool2d;
 use burn::tensor::{Device, Tensor};
 
-use crate::layers::{
-    ConvBnAct, Layer, conv_chain, k, k1xn, knx1, max_pool_3s2, pool_proj, run_chain, run_layers,
-};
+use crate::layers::{ConvBnAct, Layer, conv_chain, k, k1xn, knx1, max_pool_3s2, pool_proj, run_chain, run_layers};
 use crate::models::{FeatureInfo, classifier};
 use burn::nn::Linear;
 
@@ -21,10 +19,10 @@ pub struct Mixed3a {
 }
 
 impl Mixed3a {
-    fn new(device: &Device) -> Self {
+    pub fn new(device: &Device) -> Self {
         Self { maxpool: max_pool_3s2(), conv: ConvBnAct::new(64, 96, k(3).s2(), device) }
     }
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         Tensor::cat(vec![self.maxpool.forward(x.clone()), self.conv.forward(x)], 1)
     }
 }
@@ -37,13 +35,13 @@ pub struct Mixed4a {
 }
 
 impl Mixed4a {
-    fn new(device: &Device) -> Self {
+    pub fn new(device: &Device) -> Self {
         Self {
             branch0: conv_chain(160, &[(64, k(1)), (96, k(3))], device),
             branch1: conv_chain(160, &[(64, k(1)), (64, k1xn(7)), (64, knx1(7)), (96, k(3))], device),
         }
     }
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         Tensor::cat(vec![run_chain(&self.branch0, x.clone()), run_chain(&self.branch1, x)], 1)
     }
 }
@@ -56,10 +54,10 @@ pub struct Mixed5a {
 }
 
 impl Mixed5a {
-    fn new(device: &Device) -> Self {
+    pub fn new(device: &Device) -> Self {
         Self { conv: ConvBnAct::new(192, 192, k(3).s2(), device), maxpool: max_pool_3s2() }
     }
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         Tensor::cat(vec![self.conv.forward(x.clone()), self.maxpool.forward(x)], 1)
     }
 }
@@ -75,7 +73,7 @@ pub struct InceptionA {
 }
 
 impl InceptionA {
-    fn new(device: &Device) -> Self {
+    pub fn new(device: &Device) -> Self {
         Self {
             branch0: ConvBnAct::new(384, 96, k(1), device),
             branch1: conv_chain(384, &[(64, k(1)), (96, k(3).same())], device),
@@ -83,7 +81,7 @@ impl InceptionA {
             branch3: pool_proj(384, 96, device),
         }
     }
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         Tensor::cat(
             vec![
                 self.branch0.forward(x.clone()),
@@ -115,11 +113,7 @@ impl ReductionA {
     }
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         Tensor::cat(
-            vec![
-                self.branch0.forward(x.clone()),
-                run_chain(&self.branch1, x.clone()),
-                self.branch2.forward(x),
-            ],
+            vec![self.branch0.forward(x.clone()), run_chain(&self.branch1, x.clone()), self.branch2.forward(x)],
             1,
         )
     }
@@ -136,7 +130,7 @@ pub struct InceptionB {
 }
 
 impl InceptionB {
-    fn new(device: &Device) -> Self {
+    pub fn new(device: &Device) -> Self {
         Self {
             branch0: ConvBnAct::new(1024, 384, k(1), device),
             branch1: conv_chain(1024, &[(192, k(1)), (224, k1xn(7)), (256, knx1(7))], device),
@@ -148,7 +142,7 @@ impl InceptionB {
             branch3: pool_proj(1024, 128, device),
         }
     }
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         Tensor::cat(
             vec![
                 self.branch0.forward(x.clone()),
@@ -171,24 +165,16 @@ pub struct ReductionB {
 }
 
 impl ReductionB {
-    fn new(device: &Device) -> Self {
+    pub fn new(device: &Device) -> Self {
         Self {
             branch0: conv_chain(1024, &[(192, k(1)), (192, k(3).s2())], device),
-            branch1: conv_chain(
-                1024,
-                &[(256, k(1)), (256, k1xn(7)), (320, knx1(7)), (320, k(3).s2())],
-                device,
-            ),
+            branch1: conv_chain(1024, &[(256, k(1)), (256, k1xn(7)), (320, knx1(7)), (320, k(3).s2())], device),
             branch2: max_pool_3s2(),
         }
     }
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         Tensor::cat(
-            vec![
-                run_chain(&self.branch0, x.clone()),
-                run_chain(&self.branch1, x.clone()),
-                self.branch2.forward(x),
-            ],
+            vec![run_chain(&self.branch0, x.clone()), run_chain(&self.branch1, x.clone()), self.branch2.forward(x)],
             1,
         )
     }
@@ -211,7 +197,7 @@ pub struct InceptionC {
 }
 
 impl InceptionC {
-    fn new(device: &Device) -> Self {
+    pub fn new(device: &Device) -> Self {
         let c = |cin, cout, spec| ConvBnAct::new(cin, cout, spec, device);
         Self {
             branch0: c(1536, 256, k(1)),
@@ -226,7 +212,7 @@ impl InceptionC {
             branch3: pool_proj(1536, 256, device),
         }
     }
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let x1 = self.branch1_0.forward(x.clone());
         let x2 = self.branch2_2.forward(self.branch2_1.forward(self.branch2_0.forward(x.clone())));
         Tensor::cat(
@@ -244,6 +230,8 @@ impl InceptionC {
 }
 
 /// One entry of `features`; variants are invisible in parameter paths (`features.6.branch0...`).
+// Built once per model; the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum V4Block {
     Conv(ConvBnAct),
@@ -258,7 +246,7 @@ pub enum V4Block {
 }
 
 impl V4Block {
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         match self {
             V4Block::Conv(b) => b.forward(x),
             V4Block::Mixed3a(b) => b.forward(x),

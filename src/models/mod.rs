@@ -28,7 +28,8 @@ pub enum ModelKind {
 }
 
 impl ModelKind {
-    pub const ALL: [ModelKind; 3] = [ModelKind::InceptionV4, ModelKind::InceptionResnetV2, ModelKind::InceptionResnetV1];
+    pub const ALL: [ModelKind; 3] =
+        [ModelKind::InceptionV4, ModelKind::InceptionResnetV2, ModelKind::InceptionResnetV1];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -69,10 +70,10 @@ impl FromStr for ModelKind {
         let norm = s.trim().to_ascii_lowercase().replace('-', "_");
         let norm = norm.strip_prefix("timm/").unwrap_or(&norm);
         let norm = norm.split('.').next().unwrap_or(norm);
-        ModelKind::ALL
-            .into_iter()
-            .find(|k| k.name() == norm)
-            .ok_or_else(|| Error::UnknownModel { name: s.to_string(), known: ModelKind::ALL.map(|k| k.name()).join(", ") })
+        ModelKind::ALL.into_iter().find(|k| k.name() == norm).ok_or_else(|| Error::UnknownModel {
+            name: s.to_string(),
+            known: ModelKind::ALL.map(|k| k.name()).join(", "),
+        })
     }
 }
 
@@ -135,6 +136,8 @@ pub fn linear_counted(l: &Linear, x: Tensor<2>) -> Tensor<2> {
     l.forward(x)
 }
 
+// Built once per model; the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Model {
     V4(InceptionV4),
@@ -145,7 +148,9 @@ impl Model {
     pub fn new(cfg: &ModelConfig, device: &Device) -> Self {
         match cfg.model {
             ModelKind::InceptionV4 => Model::V4(InceptionV4::new(cfg.num_classes, device)),
-            ModelKind::InceptionResnetV2 => Model::Ir(InceptionResnet::new(&IrConfig::slim_v2(cfg.num_classes), device)),
+            ModelKind::InceptionResnetV2 => {
+                Model::Ir(InceptionResnet::new(&IrConfig::slim_v2(cfg.num_classes), device))
+            }
             ModelKind::InceptionResnetV1 => {
                 Model::Ir(InceptionResnet::new(&IrConfig::facenet_v1(cfg.num_classes), device))
             }

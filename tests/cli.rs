@@ -1,0 +1,182 @@
+//! The `inception` binary end to end: summary, check, classify and embed, with bad inputs.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use burn::tensor::{Device, Tensor};
+use inception::models::{Model, ModelConfig, ModelKind};
+use inception::weights;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_inception"))
+}
+
+fn dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("inception-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("run inception")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// A random IR-v1 with 1000 classes (so ImageNet labels apply), saved once.
+fn model_file() -> &'static Path {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| {
+        let m = Model::new(&ModelConfig { model: ModelKind::InceptionResnetV1, num_classes: 1000 }, &Device::flex());
+        let p = dir().join("v1.safetensors");
+        weights::save_model(&m, &p).unwrap();
+        p
+    })
+}
+
+fn images() -> (PathBuf, Vec<PathBuf>) {
+    let d = dir().join("images");
+    std::fs::create_dir_all(&d).unwrap();
+    let rgba = image::RgbaImage::from_fn(200, 120, |x, y| image::Rgba([x as u8, y as u8, 90, 128]));
+    rgba.save(d.join("a_rgba.png")).unwrap();
+    let gray = image::GrayImage::from_fn(90, 170, |x, y| image::Luma([(x * y) as u8]));
+    gray.save(d.join("b_gray.jpg")).unwrap();
+    std::fs::write(d.join("c_corrupt.jpg"), b"\xff\xd8\xff not really a jpeg").unwrap();
+    let files = ["a_rgba.png", "b_gray.jpg", "c_corrupt.jpg"].map(|f| d.join(f)).to_vec();
+    (d, files)
+}
+
+#[test]
+fn summary_prints_totals() {
+    let o = run(&["summary", "--model", "inception-v4", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["total_params"], 42_679_816);
+    assert_eq!(v["total_macs"], 12_253_974_624u64);
+    let o = run(&["summary", "--model", "nope"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("unknown model 'nope'"));
+}
+
+#[test]
+fn check_passes_on_own_outputs_and_fails_on_perturbed() {
+    let device = Device::flex();
+    let m = weights::load(
+        Model::new(&ModelConfig { model: ModelKind::InceptionResnetV1, num_classes: 1000 }, &device),
+        model_file(),
+        &Default::default(),
+    )
+    .unwrap();
+    let x = Tensor::<4>::random([1, 3, 96, 96], burn::tensor::Distribution::Uniform(-1.0, 1.0), &device);
+    let logits = m.forward(x.clone());
+    let vec = |t: Tensor<2>| (t.dims().to_vec(), t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap());
+    let (xs, xd) = (x.dims().to_vec(), x.into_data().convert::<f32>().try_into_vec::<f32>().unwrap());
+    let (ls, ld) = vec(logits);
+    let mut t = std::collections::BTreeMap::from([
+        ("input".to_string(), (xs, xd)),
+        ("logits".to_string(), (ls.clone(), ld.clone())),
+    ]);
+    let io = dir().join("io.safetensors");
+    weights::save_tensors(&io, &t, None).unwrap();
+    let args = [
+        "check",
+        "--model",
+        "inception_resnet_v1",
+        "--weights",
+        model_file().to_str().unwrap(),
+        "--inputs",
+        io.to_str().unwrap(),
+    ];
+    let o = run(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("logits max_abs_diff="));
+    let mut bad = ld;
+    bad[3] += 0.01;
+    t.insert("logits".into(), (ls, bad));
+    weights::save_tensors(&io, &t, None).unwrap();
+    let o = run(&args);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("FAIL"));
+}
+
+#[test]
+fn bad_weights_exit_with_a_message() {
+    let p = dir().join("garbage.safetensors");
+    std::fs::write(&p, b"garbage").unwrap();
+    let o =
+        run(&["check", "--model", "inception_v4", "--weights", p.to_str().unwrap(), "--inputs", p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("garbage.safetensors"), "{}", text(&o));
+}
+
+#[test]
+fn classify_reports_bad_images_and_goes_on() {
+    let (_, files) = images();
+    let mut args = vec![
+        "classify",
+        "--model",
+        "inception_resnet_v1",
+        "--weights",
+        model_file().to_str().unwrap(),
+        "--top",
+        "3",
+        "--json",
+    ];
+    let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    args.extend(names.iter().map(|s| s.as_str()));
+    let o = run(&args);
+    assert_eq!(o.status.code(), Some(1), "one image is corrupt: {}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 2);
+    assert_eq!(v[0]["top"].as_array().unwrap().len(), 3);
+    let p: f64 = v[0]["top"][0][2].as_f64().unwrap();
+    assert!(p > 0.0 && p <= 1.0);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("c_corrupt.jpg"));
+}
+
+#[test]
+fn embed_writes_embeddings_with_paths() {
+    let (d, _) = images();
+    let out = dir().join("emb.safetensors");
+    let o = run(&[
+        "embed",
+        "--model",
+        "inception_resnet_v1",
+        "--weights",
+        model_file().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        d.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "one image skipped: {}", text(&o));
+    let bytes = std::fs::read(&out).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta: HashMap<String, String> = meta.metadata().clone().unwrap();
+    let paths: Vec<String> = serde_json::from_str(&meta["paths"]).unwrap();
+    assert_eq!(paths.len(), 2);
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.tensor("embeddings").unwrap().shape(), &[2, 512]);
+    // a stage's feature map
+    let o = run(&[
+        "embed",
+        "--model",
+        "inception_resnet_v1",
+        "--weights",
+        model_file().to_str().unwrap(),
+        "--layer",
+        "repeat_2",
+        "--out",
+        out.to_str().unwrap(),
+        d.join("a_rgba.png").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let bytes = std::fs::read(&out).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.tensor("embeddings").unwrap().shape(), &[1, 896, 8, 8]);
+}
