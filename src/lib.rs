@@ -9,7 +9,10 @@ pub mod weights;
 
 pub use error::{Error, KeyProblem, Result};
 pub use models::{Model, ModelConfig, ModelKind};
+pub mod bench;
+pub mod engine;
 pub mod hub;
 pub mod labels;
+pub mod predict;
 pub mod preprocess;
 pub mod summary;

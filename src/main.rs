@@ -5,11 +5,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::Device;
 use clap::{Parser, Subcommand};
+use inception::models::inception_resnet::{InceptionResnet, IrLayout};
 use inception::models::{Model, ModelConfig, ModelKind};
+use inception::predict::{EngineKind, Predictor};
 use inception::weights::{self, LoadOptions};
-use inception::{hub, labels, preprocess, summary};
+use inception::{bench, hub, labels, preprocess, summary};
 use serde::Serialize;
 
 #[derive(Parser)]
@@ -18,6 +20,10 @@ struct Cli {
     /// Compute device: cpu (burn flex), or vulkan / cuda when compiled in.
     #[arg(long, global = true, default_value = "cpu")]
     device: String,
+    /// Executor for classify / embed / check / bench: `fast` (frozen CPU engine, default on
+    /// cpu) or `burn` (default on GPU devices).
+    #[arg(long, global = true)]
+    engine: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -66,6 +72,27 @@ enum Cmd {
         #[arg(long, default_value_t = 1e-4)]
         atol: f32,
     },
+    /// Time inference or a training step: median/min/max of N runs, images/s, peak RSS.
+    Bench {
+        #[arg(long, default_value = "inception_resnet_v2")]
+        model: String,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 299)]
+        size: usize,
+        /// infer or train
+        #[arg(long, default_value = "infer")]
+        mode: String,
+        /// Worker threads (sets RAYON_NUM_THREADS); default: all cores.
+        #[arg(long)]
+        threads: Option<usize>,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Per stage output shape, parameters and MACs.
     Summary {
         #[arg(long, default_value = "inception_resnet_v2")]
@@ -104,6 +131,10 @@ fn classes_in_file(kind: ModelKind, path: &Path) -> Result<usize> {
     Ok(st.tensor(key).map(|t| t.shape().first().copied().unwrap_or(0)).unwrap_or(0))
 }
 
+fn load_predictor(model: &str, weights_path: Option<&Path>, engine: EngineKind, dev: &Device) -> Result<Predictor> {
+    Ok(Predictor::new(load_model(model, weights_path, dev)?, engine, dev))
+}
+
 fn load_model(model: &str, weights_path: Option<&Path>, dev: &Device) -> Result<Model> {
     let kind: ModelKind = model.parse()?;
     let path = match weights_path {
@@ -116,26 +147,13 @@ fn load_model(model: &str, weights_path: Option<&Path>, dev: &Device) -> Result<
     Ok(m)
 }
 
-fn to_vec2(t: Tensor<2>) -> (Vec<usize>, Vec<f32>) {
-    let dims = t.dims().to_vec();
-    (dims, t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default())
-}
-
 #[derive(Serialize)]
 struct Prediction {
     image: String,
     top: Vec<(usize, String, f32)>,
 }
 
-fn classify(
-    model: &str,
-    weights_path: Option<&Path>,
-    top: usize,
-    json: bool,
-    images: &[PathBuf],
-    dev: &Device,
-) -> Result<bool> {
-    let m = load_model(model, weights_path, dev)?;
+fn classify(m: &Predictor, top: usize, json: bool, images: &[PathBuf]) -> Result<bool> {
     let cfg = m.kind().pretrained();
     let names = if m.num_classes() == 1000 { labels::imagenet() } else { Vec::new() };
     let mut ok = true;
@@ -149,9 +167,8 @@ fn classify(
                 continue;
             }
         };
-        let x = preprocess::batch(&[img], cfg.input_size, dev);
-        let probs = burn::tensor::activation::softmax(m.forward(x), 1);
-        let (_, p) = to_vec2(probs);
+        let s = cfg.input_size;
+        let p = softmax(&m.run(&img, [1, 3, s, s], false).logits.data);
         let mut idx: Vec<usize> = (0..p.len()).collect();
         idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
         let top: Vec<(usize, String, f32)> = idx
@@ -173,21 +190,12 @@ fn classify(
     Ok(ok)
 }
 
-fn embed(
-    model: &str,
-    weights_path: Option<&Path>,
-    layer: &str,
-    out: &Path,
-    batch: usize,
-    inputs: &[PathBuf],
-    dev: &Device,
-) -> Result<bool> {
-    let m = load_model(model, weights_path, dev)?;
+fn embed(m: &Predictor, layer: &str, out: &Path, batch: usize, inputs: &[PathBuf]) -> Result<bool> {
     let cfg = m.kind().pretrained();
     let stage = if layer == "pooled" {
         None
     } else {
-        let info = m.feature_info();
+        let info = feature_info(m.kind());
         Some(info.iter().position(|f| f.module == layer).with_context(|| {
             format!(
                 "unknown layer '{layer}' (pooled, {})",
@@ -217,16 +225,15 @@ fn embed(
         if imgs.is_empty() {
             continue;
         }
-        let x = preprocess::batch(&imgs, cfg.input_size, dev);
-        let (dims, v) = match stage {
-            None => to_vec2(m.embed(x)),
-            Some(s) => {
-                let t = m.forward_stages(x).swap_remove(s);
-                (t.dims().to_vec(), t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default())
-            }
+        let s = cfg.input_size;
+        let flat: Vec<f32> = imgs.concat();
+        let mut o = m.run(&flat, [imgs.len(), 3, s, s], stage.is_some());
+        let t = match stage {
+            None => o.embedding,
+            Some(i) => o.stages.swap_remove(i),
         };
-        shape = dims;
-        data.extend(v);
+        shape = t.shape;
+        data.extend(t.data);
     }
     if done_paths.is_empty() {
         bail!("no image could be read ({} skipped)", skipped.len());
@@ -259,59 +266,103 @@ fn compare(shape: &[usize], got: &[f32], expected: &weights::FileTensor, atol: f
     (diff <= atol, diff)
 }
 
-fn check(model: &str, weights_path: &Path, inputs: &Path, atol: f32, dev: &Device) -> Result<bool> {
-    let m = load_model(model, Some(weights_path), dev)?;
+fn check(m: &Predictor, inputs: &Path, atol: f32) -> Result<bool> {
     let bytes = weights::read_file(inputs)?;
     let st = weights::parse(inputs, &bytes)?;
     let x = weights::tensor_f32(inputs, &st, "input")?;
-    if x.shape.len() != 4 || x.shape[1] != 3 {
+    let [n, c, h, w] = x.shape[..] else {
+        bail!("{}: 'input' must be [N, 3, H, W], found {:?}", inputs.display(), x.shape);
+    };
+    if c != 3 {
         bail!("{}: 'input' must be [N, 3, H, W], found {:?}", inputs.display(), x.shape);
     }
-    let x = Tensor::<4>::from_data(TensorData::new(x.data, x.shape.clone()), dev);
-    let stages = m.forward_stages(x.clone());
-    let feats = m.forward_features(x);
-    let pre = m.forward_head(feats.clone(), true);
+    // Optional feature maps `stage0..stage4` (timm `forward_intermediates` order).
+    let has_stages = st.names().iter().any(|k| k.starts_with("stage"));
+    let out = m.run(&x.data, [n, c, h, w], has_stages);
+    let mut got: Vec<(String, &inception::predict::Output)> =
+        out.stages.iter().enumerate().map(|(i, o)| (format!("stage{i}"), o)).collect();
+    got.push(("logits".into(), &out.logits));
+    got.push(("pre_logits".into(), &out.pre_logits));
+    got.push(("embedding".into(), &out.embedding));
     let mut ok = true;
     let mut compared = 0;
-    // Optional feature maps `stage0..stage4` (timm `forward_intermediates` order).
-    for (i, t) in stages.into_iter().enumerate() {
-        let Ok(expected) = weights::tensor_f32(inputs, &st, &format!("stage{i}")) else { continue };
-        let shape = t.dims().to_vec();
-        let got = t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default();
-        let (pass, diff) = compare(&shape, &got, &expected, atol);
-        println!("stage{i} max_abs_diff={diff:.3e} {}", if pass { "ok" } else { "FAIL" });
-        ok &= pass;
-        compared += 1;
-    }
-    for name in ["logits", "pre_logits", "embedding"] {
-        let Ok(expected) = weights::tensor_f32(inputs, &st, name) else { continue };
-        let got = match name {
-            "logits" => m.forward_head(feats.clone(), false),
-            "pre_logits" => pre.clone(),
-            _ => inception::models::l2_normalize(pre.clone()),
-        };
-        let (shape, got) = to_vec2(got);
-        let (pass, diff) = compare(&shape, &got, &expected, atol);
+    for (name, o) in got {
+        let Ok(expected) = weights::tensor_f32(inputs, &st, &name) else { continue };
+        let (pass, diff) = compare(&o.shape, &o.data, &expected, atol);
         println!("{name} max_abs_diff={diff:.3e} {}", if pass { "ok" } else { "FAIL" });
         ok &= pass;
         compared += 1;
     }
     if compared == 0 {
-        bail!("{}: none of logits, pre_logits, embedding present", inputs.display());
+        bail!("{}: none of logits, pre_logits, embedding, stage0..4 present", inputs.display());
     }
     Ok(ok)
 }
 
+fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = logits.iter().map(|v| (v - max).exp()).collect();
+    let sum: f32 = e.iter().sum();
+    e.into_iter().map(|v| v / sum).collect()
+}
+
+fn feature_info(kind: ModelKind) -> Vec<inception::models::FeatureInfo> {
+    match kind {
+        ModelKind::InceptionV4 => inception::models::inception_v4::InceptionV4::feature_info(),
+        ModelKind::InceptionResnetV2 => InceptionResnet::feature_info(IrLayout::SlimV2),
+        ModelKind::InceptionResnetV1 => InceptionResnet::feature_info(IrLayout::FacenetV1),
+    }
+}
+
 fn run(cli: Cli) -> Result<bool> {
+    if let Cmd::Bench { threads: Some(t), .. } = &cli.cmd {
+        // SAFETY: no other thread exists yet; the thread pool reads this when it starts.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", t.to_string()) };
+    }
     let dev = device(&cli.device)?;
+    let engine: EngineKind = match &cli.engine {
+        Some(e) => e.parse()?,
+        None if cli.device == "cpu" || cli.device == "flex" => EngineKind::Fast,
+        None => EngineKind::Burn,
+    };
+    if engine == EngineKind::Fast && !(cli.device == "cpu" || cli.device == "flex") {
+        bail!("the fast engine runs on the cpu only; use --engine burn with --device {}", cli.device);
+    }
     match cli.cmd {
+        Cmd::Bench { model, batch, size, mode, threads, warmup, runs, json } => {
+            let mode = match mode.as_str() {
+                "infer" => bench::BenchMode::Infer,
+                "train" => bench::BenchMode::Train,
+                other => bail!("unknown mode '{other}' (infer, train)"),
+            };
+            let cfg = bench::BenchConfig {
+                model: model.parse()?,
+                mode,
+                batch,
+                size,
+                warmup,
+                runs,
+                device: cli.device.clone(),
+                engine: if mode == bench::BenchMode::Train { EngineKind::Burn } else { engine },
+                threads,
+            };
+            let r = bench::run(&cfg, &dev)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("{r}");
+            }
+            Ok(true)
+        }
         Cmd::Classify { model, weights, top, json, images } => {
-            classify(&model, weights.as_deref(), top, json, &images, &dev)
+            classify(&load_predictor(&model, weights.as_deref(), engine, &dev)?, top, json, &images)
         }
         Cmd::Embed { model, weights, layer, out, batch, inputs } => {
-            embed(&model, weights.as_deref(), &layer, &out, batch, &inputs, &dev)
+            embed(&load_predictor(&model, weights.as_deref(), engine, &dev)?, &layer, &out, batch, &inputs)
         }
-        Cmd::Check { model, weights, inputs, atol } => check(&model, &weights, &inputs, atol, &dev),
+        Cmd::Check { model, weights, inputs, atol } => {
+            check(&load_predictor(&model, Some(&weights), engine, &dev)?, &inputs, atol)
+        }
         Cmd::Summary { model, size, json } => {
             let kind: ModelKind = model.parse()?;
             let m = Model::new(&ModelConfig { model: kind, num_classes: kind.pretrained().num_classes }, &dev);

@@ -9,8 +9,9 @@ mod common;
 
 use std::path::PathBuf;
 
-use burn::tensor::{Device, Tensor};
-use inception::models::{Model, ModelConfig, ModelKind, l2_normalize};
+use burn::tensor::Device;
+use inception::models::{Model, ModelConfig, ModelKind};
+use inception::predict::{EngineKind, Predictor};
 use inception::weights::{self, LoadOptions};
 
 const ATOL: f32 = 1e-4;
@@ -20,34 +21,33 @@ fn full(kind: ModelKind) -> PathBuf {
 }
 
 fn parity(kind: ModelKind, classes: usize, sizes: [usize; 2]) {
-    let device = Device::flex();
-    let dir = full(kind);
-    assert!(dir.exists(), "{} missing: run python3 scripts/reference/make_full.py", dir.display());
-    let m = Model::new(&ModelConfig { model: kind, num_classes: classes }, &device);
-    let m = weights::load(m, &dir.join("model.safetensors"), &LoadOptions::default()).unwrap();
-    for size in sizes {
-        let io = dir.join(format!("io_{size}.safetensors"));
-        let x = common::read_tensor::<4>(&io, "input", &device);
-        let stages = m.forward_stages(x.clone());
-        let feats = stages.last().unwrap().clone();
-        let pre = m.forward_head(feats.clone(), true);
-        let logits = m.forward_head(feats, false);
-        let mut checks: Vec<(String, f32)> = vec![
-            ("logits".into(), common::max_abs_diff(logits, common::read_tensor(&io, "logits", &device))),
-            ("pre_logits".into(), common::max_abs_diff(pre.clone(), common::read_tensor(&io, "pre_logits", &device))),
-        ];
-        if kind == ModelKind::InceptionResnetV1 {
-            let e = common::read_tensor::<2>(&io, "embedding", &device);
-            checks.push(("embedding".into(), common::max_abs_diff(l2_normalize(pre), e)));
-        } else {
-            for (i, s) in stages.into_iter().enumerate() {
-                let want: Tensor<4> = common::read_tensor(&io, &format!("stage{i}"), &device);
-                checks.push((format!("stage{i}"), common::max_abs_diff(s, want)));
+    for engine in [EngineKind::Burn, EngineKind::Fast] {
+        let device = Device::flex();
+        let dir = full(kind);
+        assert!(dir.exists(), "{} missing: run python3 scripts/reference/make_full.py", dir.display());
+        let m = Model::new(&ModelConfig { model: kind, num_classes: classes }, &device);
+        let m = weights::load(m, &dir.join("model.safetensors"), &LoadOptions::default()).unwrap();
+        let p = Predictor::new(m, engine, &device);
+        for size in sizes {
+            let io = dir.join(format!("io_{size}.safetensors"));
+            let bytes = weights::read_file(&io).unwrap();
+            let st = weights::parse(&io, &bytes).unwrap();
+            let x = weights::tensor_f32(&io, &st, "input").unwrap();
+            let out = p.run(&x.data, [x.shape[0], x.shape[1], x.shape[2], x.shape[3]], true);
+            let mut got: Vec<(String, &inception::predict::Output)> =
+                out.stages.iter().enumerate().map(|(i, o)| (format!("stage{i}"), o)).collect();
+            got.extend([("logits".to_string(), &out.logits), ("pre_logits".to_string(), &out.pre_logits)]);
+            got.push(("embedding".to_string(), &out.embedding));
+            let mut compared = 0;
+            for (name, o) in got {
+                let Ok(want) = weights::tensor_f32(&io, &st, &name) else { continue };
+                assert_eq!(o.shape, want.shape, "{kind} {name}");
+                let d = o.data.iter().zip(&want.data).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                println!("{kind} {engine:?} {size} {name} max_abs_diff={d:.3e}");
+                assert!(d <= ATOL, "{kind} {engine:?} at {size}: {name} differs by {d:e}");
+                compared += 1;
             }
-        }
-        for (name, d) in checks {
-            println!("{kind} {size} {name} max_abs_diff={d:.3e}");
-            assert!(d <= ATOL, "{kind} at {size}: {name} differs by {d:e}");
+            assert!(compared >= 3, "{kind}: too few reference tensors");
         }
     }
 }

@@ -1,0 +1,123 @@
+"""Baselines for `inception bench`: the same workloads in timm / PyTorch eager (NCHW and
+channels_last, `inference_mode`) and ONNX Runtime (model exported from timm), same threads and
+shapes. Prints one JSON object per line. Dev tool only.
+
+    python3 scripts/bench/baseline.py --model inception_resnet_v2 --batch 1 --threads 2
+
+Fairness: torch and ORT both get `--threads` intra-op threads (inter-op 1); flush-to-zero /
+denormals-are-zero is switched on in torch (`torch.set_flush_denormal(True)`) and recorded;
+BatchNorm statistics are made non-trivial (as in the Rust bench the activations stay O(1)).
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+
+def build(name):
+    import timm
+    m = timm.create_model(name, pretrained=False, num_classes=1000)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.2, 0.2)
+                mod.running_mean.uniform_(-0.1, 0.1)
+                mod.running_var.uniform_(0.5, 1.5)
+    return m
+
+
+def timed(fn, warmup, runs):
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t) * 1e3)
+    return ts
+
+
+def peak_rss_mb():
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def report(system, args, ts, extra=None):
+    med = statistics.median(ts)
+    r = dict(system=system, model=args.model, mode=args.mode, batch=args.batch, size=args.size, threads=args.threads,
+             median_ms=med, min_ms=min(ts), max_ms=max(ts), images_per_s=args.batch / (med / 1e3),
+             peak_rss_mb=peak_rss_mb(), torch=torch.__version__, flush_denormal=True,
+             loadavg=" ".join(open("/proc/loadavg").read().split()[:3]))
+    r.update(extra or {})
+    print(json.dumps(r))
+    sys.stdout.flush()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="inception_resnet_v2")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--size", type=int, default=299)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--mode", choices=["infer", "train"], default="infer")
+    ap.add_argument("--systems", nargs="*", default=["torch", "torch_cl", "ort"])
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=10)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    torch.set_flush_denormal(True)
+    torch.manual_seed(0)
+    x = torch.rand(args.batch, 3, args.size, args.size) * 2 - 1
+    if args.mode == "train":
+        m = build(args.model).train()
+        opt = torch.optim.RMSprop(m.parameters(), lr=0.045, alpha=0.9, eps=1.0, momentum=0.9)
+        y = torch.arange(args.batch) * 37 % 1000
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+
+        report("torch", args, timed(step, args.warmup, args.runs))
+        return
+    m = build(args.model).eval()
+    if "torch" in args.systems:
+        with torch.inference_mode():
+            report("torch", args, timed(lambda: m(x), args.warmup, args.runs))
+    if "torch_cl" in args.systems:
+        mc = m.to(memory_format=torch.channels_last)
+        xc = x.to(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            report("torch_channels_last", args, timed(lambda: mc(xc), args.warmup, args.runs))
+        m = m.to(memory_format=torch.contiguous_format)
+    if "ort" in args.systems:
+        import onnxruntime as ort
+        path = os.path.join(tempfile.gettempdir(), f"{args.model}_{args.size}.onnx")
+        if not os.path.exists(path):
+            with torch.no_grad():
+                torch.onnx.export(m, (x,), path, input_names=["x"], output_names=["y"],
+                                  dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, dynamo=False)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = args.threads
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        xn = x.numpy()
+        report("onnxruntime", args, timed(lambda: sess.run(None, {"x": xn}), args.warmup, args.runs),
+               {"onnxruntime": ort.__version__})
+
+
+if __name__ == "__main__":
+    main()

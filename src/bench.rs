@@ -1,0 +1,166 @@
+//! `inception bench`: warm-up, then median / min / max of N timed runs of inference or one
+//! training step (forward, cross-entropy, backward, RMSProp update), images/s and peak RSS.
+//! Weights are random (Kaiming init, identity BatchNorm statistics); the RMS of the final
+//! feature map is recorded so denormal-range activations would be visible.
+
+use std::time::Instant;
+
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::{GradientsParams, RmsPropConfig};
+use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::models::{Model, ModelConfig, ModelKind};
+use crate::predict::{EngineKind, Predictor};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BenchMode {
+    Infer,
+    Train,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BenchConfig {
+    pub model: ModelKind,
+    pub mode: BenchMode,
+    pub batch: usize,
+    pub size: usize,
+    pub warmup: usize,
+    pub runs: usize,
+    pub device: String,
+    pub engine: EngineKind,
+    pub threads: Option<usize>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BenchReport {
+    pub config: BenchConfig,
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+    pub images_per_s: f64,
+    pub peak_rss_mb: f64,
+    pub weight_mb: f64,
+    pub feature_rms: f64,
+    pub loadavg_before: String,
+    pub loadavg_after: String,
+}
+
+/// `/proc/loadavg`'s first three fields ("" where unavailable).
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// Peak resident set size of this process in MiB (`VmHWM`), 0 where unavailable.
+pub fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn time_runs(cfg: &BenchConfig, mut f: impl FnMut()) -> Vec<f64> {
+    for _ in 0..cfg.warmup {
+        f();
+    }
+    (0..cfg.runs.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect()
+}
+
+fn rms(t: Tensor<4>) -> f64 {
+    t.powi_scalar(2).mean().sqrt().into_scalar::<f32>() as f64
+}
+
+pub fn run(cfg: &BenchConfig, device: &Device) -> Result<BenchReport> {
+    if cfg.size < crate::summary::MIN_INPUT {
+        return Err(Error::InputTooSmall { size: cfg.size });
+    }
+    let before = loadavg();
+    let mcfg = ModelConfig { model: cfg.model, num_classes: 1000 };
+    let shape = [cfg.batch, 3, cfg.size, cfg.size];
+    let (times, feature_rms, weight_mb) = match cfg.mode {
+        BenchMode::Infer => {
+            let model = Model::new(&mcfg, device);
+            let weight_mb = model.num_params() as f64 * 4.0 / (1 << 20) as f64;
+            let p = Predictor::new(model, cfg.engine, device);
+            let n: usize = shape.iter().product();
+            let x: Vec<f32> = (0..n).map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0).collect();
+            let last = p.run(&x, shape, true).stages.pop().map(|o| o.data).unwrap_or_default();
+            let feature_rms = (last.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / last.len().max(1) as f64).sqrt();
+            let times = time_runs(cfg, || {
+                let _ = p.run(&x, shape, false);
+            });
+            (times, feature_rms, weight_mb)
+        }
+        BenchMode::Train => {
+            let device = device.clone().autodiff();
+            let mut model = Some(Model::new(&mcfg, &device));
+            let weight_mb = model.as_ref().map_or(0, |m| m.num_params()) as f64 * 4.0 / (1 << 20) as f64;
+            let x = Tensor::<4>::random(shape, Distribution::Uniform(-1.0, 1.0), &device);
+            let labels: Vec<i64> = (0..cfg.batch as i64).map(|i| (i * 37) % 1000).collect();
+            let y = Tensor::<1, Int>::from_data(TensorData::new(labels, [cfg.batch]), &device);
+            let loss_fn = CrossEntropyLossConfig::new().init(&device);
+            let mut optim = RmsPropConfig::new().with_alpha(0.9).with_epsilon(1.0).with_momentum(0.9).init();
+            let feature_rms = model.as_ref().map_or(0.0, |m| rms(m.forward_features(x.clone())));
+            let mut step = || {
+                let Some(m) = model.take() else { return };
+                let loss = loss_fn.forward(m.forward(x.clone()), y.clone());
+                let grads = GradientsParams::from_grads(loss.backward(), &m);
+                model = Some(optim.step(0.045, m, grads));
+            };
+            let times = time_runs(cfg, &mut step);
+            (times, feature_rms, weight_mb)
+        }
+    };
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median_ms = sorted[sorted.len() / 2];
+    Ok(BenchReport {
+        config: cfg.clone(),
+        median_ms,
+        min_ms: sorted[0],
+        max_ms: sorted[sorted.len() - 1],
+        images_per_s: cfg.batch as f64 / (median_ms / 1e3),
+        peak_rss_mb: peak_rss_mb(),
+        weight_mb,
+        feature_rms,
+        loadavg_before: before,
+        loadavg_after: loadavg(),
+    })
+}
+
+impl std::fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let c = &self.config;
+        write!(
+            f,
+            "{} {:?} b{} {}px on {} ({:?}): median {:.1} ms (min {:.1}, max {:.1}), {:.2} img/s, peak RSS {:.0} MiB \
+             (weights {:.0} MiB), load {} -> {}",
+            c.model,
+            c.mode,
+            c.batch,
+            c.size,
+            c.device,
+            c.engine,
+            self.median_ms,
+            self.min_ms,
+            self.max_ms,
+            self.images_per_s,
+            self.peak_rss_mb,
+            self.weight_mb,
+            self.loadavg_before,
+            self.loadavg_after
+        )
+    }
+}

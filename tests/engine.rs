@@ -1,0 +1,50 @@
+//! The frozen `fast` engine against the burn path, every model, two sizes, with the
+//! deterministic weights of the block tests (non-trivial BatchNorm, biases). Whole-model
+//! parity of the fast engine against timm / facenet is in `parity_full.rs`.
+
+mod common;
+
+use burn::tensor::Device;
+use inception::models::{Model, ModelConfig, ModelKind};
+use inception::predict::{EngineKind, Predictor};
+
+fn agree(kind: ModelKind, size: usize) {
+    let device = Device::flex();
+    let make = || common::deterministic(Model::new(&ModelConfig { model: kind, num_classes: 11 }, &device));
+    let burn = Predictor::new(make(), EngineKind::Burn, &device);
+    let fast = Predictor::new(make(), EngineKind::Fast, &device);
+    let shape = [2, 3, size, size];
+    let x: Vec<f32> =
+        common::det_uniform("engine.input", shape.iter().product()).iter().map(|v| (v * 2.0 - 1.0) as f32).collect();
+    let (a, b) = (burn.run(&x, shape, true), fast.run(&x, shape, true));
+    let pairs = a.stages.iter().zip(&b.stages).chain([
+        (&a.pre_logits, &b.pre_logits),
+        (&a.logits, &b.logits),
+        (&a.embedding, &b.embedding),
+    ]);
+    for (i, (p, q)) in pairs.enumerate() {
+        assert_eq!(p.shape, q.shape, "{kind} output {i}");
+        let d = p.data.iter().zip(&q.data).map(|(u, v)| (u - v).abs()).fold(0f32, f32::max);
+        let scale = p.data.iter().map(|v| v.abs()).fold(0f32, f32::max);
+        assert!(d <= 1e-4 * scale.max(1.0), "{kind} {size}px output {i}: diff {d:e} (max |x| {scale})");
+        assert!(scale > 1e-3, "{kind} output {i} is trivially small ({scale})");
+    }
+}
+
+#[test]
+fn fast_engine_matches_burn_inception_v4() {
+    agree(ModelKind::InceptionV4, 75);
+    agree(ModelKind::InceptionV4, 107);
+}
+
+#[test]
+fn fast_engine_matches_burn_inception_resnet_v2() {
+    agree(ModelKind::InceptionResnetV2, 75);
+    agree(ModelKind::InceptionResnetV2, 128);
+}
+
+#[test]
+fn fast_engine_matches_burn_inception_resnet_v1() {
+    agree(ModelKind::InceptionResnetV1, 80);
+    agree(ModelKind::InceptionResnetV1, 160);
+}
