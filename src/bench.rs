@@ -87,7 +87,7 @@ pub fn run(cfg: &BenchConfig, device: &Device) -> Result<BenchReport> {
         return Err(Error::InputTooSmall { size: cfg.size });
     }
     let before = loadavg();
-    let mcfg = ModelConfig { model: cfg.model, num_classes: 1000 };
+    let mcfg = ModelConfig::new(cfg.model, 1000);
     let shape = [cfg.batch, 3, cfg.size, cfg.size];
     let (times, feature_rms, weight_mb) = match cfg.mode {
         BenchMode::Infer => {

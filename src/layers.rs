@@ -30,6 +30,11 @@ pub(crate) fn add_macs(n: u64) {
     MACS.with(|m| m.set(m.get() + n));
 }
 
+/// `n` channels times a width multiplier, rounded, at least 1.
+pub fn ch(n: usize, width: f64) -> usize {
+    ((n as f64 * width).round() as usize).max(1)
+}
+
 /// Kernel, stride and padding of one convolution: `(kh, kw)`, stride, `(ph, pw)`.
 #[derive(Clone, Copy, Debug)]
 pub struct ConvSpec {

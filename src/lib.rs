@@ -16,3 +16,4 @@ pub mod labels;
 pub mod predict;
 pub mod preprocess;
 pub mod summary;
+pub mod train;

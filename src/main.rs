@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use inception::models::inception_resnet::{InceptionResnet, IrLayout};
 use inception::models::{Model, ModelConfig, ModelKind};
 use inception::predict::{EngineKind, Predictor};
+use inception::train::{self, TrainConfig};
 use inception::weights::{self, LoadOptions};
 use inception::{bench, hub, labels, preprocess, summary};
 use serde::Serialize;
@@ -93,6 +94,74 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Train from scratch or fine-tune (the paper's recipe by default) on Fashion-MNIST or an
+    /// image folder; checkpoints, metrics and the final EMA weights go to --out.
+    Train {
+        #[arg(long, default_value = "inception_resnet_v1")]
+        model: String,
+        /// `fashion-mnist`, an idx folder, or an image folder (class subfolders; or train/ + val/).
+        #[arg(long)]
+        data: Option<String>,
+        #[arg(long)]
+        out: PathBuf,
+        /// JSON file with a full TrainConfig; flags given here override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        epochs: Option<usize>,
+        #[arg(long)]
+        batch: Option<usize>,
+        #[arg(long)]
+        size: Option<usize>,
+        /// Channel multiplier (Inception-ResNet models).
+        #[arg(long)]
+        width: Option<f64>,
+        #[arg(long)]
+        lr: Option<f64>,
+        /// Initial weights for fine-tuning (reference key names); the classifier is replaced.
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        /// Keep the first N feature stages fixed (with --weights).
+        #[arg(long)]
+        freeze: Option<usize>,
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Stop each epoch after N steps (quick runs).
+        #[arg(long)]
+        max_steps: Option<usize>,
+        #[arg(long)]
+        eval_limit: Option<usize>,
+        #[arg(long)]
+        checkpoint_every: Option<usize>,
+        /// Continue from --out/checkpoint.safetensors.
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Top-1 / top-5 and loss on a dataset, single crop or the paper's multi-crop protocols.
+    Eval {
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        /// A training run folder (uses its model.safetensors and config.json).
+        #[arg(long)]
+        run: Option<PathBuf>,
+        #[arg(long)]
+        data: String,
+        /// 1, 12 or 144 crops per image.
+        #[arg(long, default_value_t = 1)]
+        crops: usize,
+        #[arg(long)]
+        size: Option<usize>,
+        #[arg(long)]
+        crop_pct: Option<f64>,
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Per stage output shape, parameters and MACs.
     Summary {
         #[arg(long, default_value = "inception_resnet_v2")]
@@ -141,8 +210,12 @@ fn load_model(model: &str, weights_path: Option<&Path>, dev: &Device) -> Result<
         Some(p) => p.to_path_buf(),
         None => hub::fetch(kind)?,
     };
-    let num_classes = classes_in_file(kind, &path)?;
-    let m = Model::new(&ModelConfig { model: kind, num_classes }, dev);
+    let cfg = match weights::read_config(&path)? {
+        Some(c) if c.model != kind => bail!("{} holds {} weights, not {kind}", path.display(), c.model),
+        Some(c) => c,
+        None => ModelConfig::new(kind, classes_in_file(kind, &path)?),
+    };
+    let m = Model::new(&cfg, dev);
     let m = weights::load(m, &path, &LoadOptions::default())?;
     Ok(m)
 }
@@ -363,9 +436,129 @@ fn run(cli: Cli) -> Result<bool> {
         Cmd::Check { model, weights, inputs, atol } => {
             check(&load_predictor(&model, Some(&weights), engine, &dev)?, &inputs, atol)
         }
+        Cmd::Train {
+            model,
+            data,
+            out,
+            config,
+            epochs,
+            batch,
+            size,
+            width,
+            lr,
+            weights,
+            freeze,
+            seed,
+            max_steps,
+            eval_limit,
+            checkpoint_every,
+            resume,
+        } => {
+            let mut cfg = match &config {
+                Some(p) => serde_json::from_slice::<TrainConfig>(
+                    &std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+                )
+                .with_context(|| format!("{}: not a train config", p.display()))?,
+                None => {
+                    let data = data.clone().context("--data is required (or --config)")?;
+                    let mut c = TrainConfig::new(model.parse()?, &data);
+                    if data.contains("fashion") {
+                        // small grayscale images: the smallest input the nets take, no crop
+                        c.size = 75;
+                        c.crop_pct = 1.0;
+                        c.min_area = 0.5;
+                    }
+                    c
+                }
+            };
+            if let Some(d) = data {
+                cfg.data = d;
+            }
+            macro_rules! set {
+                ($($f:ident => $dst:expr),*) => {$(if let Some(v) = $f { $dst = v; })*};
+            }
+            set!(epochs => cfg.epochs, batch => cfg.batch, size => cfg.size, width => cfg.model.width, lr => cfg.lr,
+                 freeze => cfg.freeze, seed => cfg.seed);
+            if weights.is_some() {
+                cfg.weights = weights;
+            }
+            cfg.max_steps = max_steps.or(cfg.max_steps);
+            cfg.eval_limit = eval_limit.or(cfg.eval_limit);
+            cfg.checkpoint_every = checkpoint_every.or(cfg.checkpoint_every);
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let mut epoch_start = true;
+            let summary = train::train(cfg, &out, resume, &dev, &mut |s, n, loss| {
+                if epoch_start || s == 1 {
+                    bar.reset();
+                    bar.set_length(n as u64);
+                    epoch_start = false;
+                }
+                bar.set_position(s as u64);
+                bar.set_message(format!("loss {loss:.4}"));
+                if s == n {
+                    epoch_start = true;
+                }
+                true
+            })?;
+            bar.finish_and_clear();
+            let metrics = std::fs::read_to_string(out.join("metrics.csv")).unwrap_or_default();
+            println!("{metrics}");
+            println!(
+                "trained {} epochs, eval top-1 {:.4}; weights: {} ({} unreadable images skipped)",
+                summary.epochs,
+                summary.final_eval_top1,
+                summary.model_path.display(),
+                summary.skipped
+            );
+            Ok(true)
+        }
+        Cmd::Eval { model, weights, run, data, crops, size, crop_pct, limit, batch, json } => {
+            if ![1, 12, 144].contains(&crops) {
+                bail!("--crops must be 1, 12 or 144");
+            }
+            let (wpath, run_cfg) = match (&run, &weights) {
+                (Some(r), _) => {
+                    let c: TrainConfig = serde_json::from_slice(
+                        &std::fs::read(r.join("config.json"))
+                            .with_context(|| format!("{}: no config.json", r.display()))?,
+                    )?;
+                    (r.join("model.safetensors"), Some(c))
+                }
+                (None, Some(w)) => (w.clone(), None),
+                (None, None) => bail!("give --weights FILE or --run RUN_DIR"),
+            };
+            let kind = match (&model, weights::read_config(&wpath)?, &run_cfg) {
+                (Some(m), _, _) => m.clone(),
+                (None, Some(c), _) => c.model.name().to_string(),
+                (None, None, Some(c)) => c.model.model.name().to_string(),
+                (None, None, None) => bail!("--model is required for {}", wpath.display()),
+            };
+            let p = load_predictor(&kind, Some(&wpath), engine, &dev)?;
+            let pre = p.kind().pretrained();
+            let size = size.or(run_cfg.as_ref().map(|c| c.size)).unwrap_or(pre.input_size);
+            let crop_pct = crop_pct.or(run_cfg.as_ref().map(|c| c.crop_pct)).unwrap_or(pre.crop_pct);
+            let ds = train::data::Dataset::open(&data, false)?;
+            if p.num_classes() != ds.classes.len() {
+                bail!("the model has {} classes, {} has {}", p.num_classes(), ds.name, ds.classes.len());
+            }
+            let r = train::evaluate(&p, &ds, size, crop_pct, crops, limit, batch);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "{} images, {} crop(s): top-1 {:.4} top-5 {:.4} loss {:.4} ({} unreadable skipped)",
+                    r.images, r.crops, r.top1, r.top5, r.loss, r.skipped
+                );
+            }
+            Ok(r.skipped == 0)
+        }
         Cmd::Summary { model, size, json } => {
             let kind: ModelKind = model.parse()?;
-            let m = Model::new(&ModelConfig { model: kind, num_classes: kind.pretrained().num_classes }, &dev);
+            let m = Model::new(&ModelConfig::new(kind, kind.pretrained().num_classes), &dev);
             let s = summary::summarize(&m, size.unwrap_or(kind.pretrained().input_size), &dev)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);

@@ -44,31 +44,32 @@ fn checkpoint_key(remap: &[(&str, &str)], path: &[String]) -> String {
 }
 
 /// Is this a linear weight (stored transposed in checkpoints)?
-fn is_linear_weight(key: &str, rank: usize) -> bool {
+pub(crate) fn is_linear_weight(key: &str, rank: usize) -> bool {
     rank == 2 && key.ends_with(".weight")
 }
 
+/// Tracks the checkpoint key of the parameter being visited (see the module docs).
 #[derive(Default)]
-struct PathTracker {
+pub(crate) struct PathTracker {
     path: Vec<String>,
     /// Depth of each entered module, `false` when it was an enum variant (not pushed).
     pushed: Vec<bool>,
 }
 
 impl PathTracker {
-    fn enter(&mut self, name: &str, container: &str) {
+    pub(crate) fn enter(&mut self, name: &str, container: &str) {
         let push = !container.starts_with("Enum:");
         if push {
             self.path.push(name.to_string());
         }
         self.pushed.push(push);
     }
-    fn exit(&mut self) {
+    pub(crate) fn exit(&mut self) {
         if self.pushed.pop() == Some(true) {
             self.path.pop();
         }
     }
-    fn leaf(&self, kind: ModelKind) -> String {
+    pub(crate) fn leaf(&self, kind: ModelKind) -> String {
         checkpoint_key(key_remap(kind), &self.path)
     }
 }
@@ -245,6 +246,12 @@ pub fn fill<M: Module>(module: M, source: &mut TensorSource<'_>) -> M {
     module.map(&mut applier)
 }
 
+/// `fill` for a whole model: keys as in its checkpoints (including `key_remap`).
+pub fn fill_model(model: Model, source: &mut TensorSource<'_>) -> Model {
+    let mut applier = Applier { remap: key_remap(model.kind()), tracker: PathTracker::default(), source };
+    model.map(&mut applier)
+}
+
 /// Load a safetensors file into `model` strictly (see `LoadOptions`).
 pub fn load(model: Model, path: &Path, opts: &LoadOptions) -> Result<Model> {
     let bytes = read_file(path)?;
@@ -327,6 +334,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     f.sync_all().map_err(io)?;
     drop(f);
     std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// The `ModelConfig` a file was saved with by `save_model` (`None` for foreign files).
+pub fn read_config(path: &Path) -> Result<Option<crate::models::ModelConfig>> {
+    let bytes = read_file(path)?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes)
+        .map_err(|e| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() })?;
+    let Some(cfg) = meta.metadata().as_ref().and_then(|m| m.get("inception_config")) else { return Ok(None) };
+    serde_json::from_str(cfg)
+        .map(Some)
+        .map_err(|e| Error::Invalid(format!("{}: bad inception_config metadata: {e}", path.display())))
 }
 
 /// Save the model's weights with the reference key names (loadable by timm / facenet-pytorch

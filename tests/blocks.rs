@@ -45,7 +45,7 @@ fn v1() -> IrConfig {
     IrConfig::facenet_v1(0)
 }
 
-block_test!(v2_mixed_5b, "v2.mixed_5b", Mixed5b::new);
+block_test!(v2_mixed_5b, "v2.mixed_5b", |d| Mixed5b::new(1.0, d));
 block_test!(v2_block35, "v2.block35", |d| ResBlock::new(ResKind::A, &v2().block_a, 0.17, true, d));
 block_test!(v2_mixed_6a, "v2.mixed_6a", |d| v4::ReductionA::new(320, v2().reduction_a, d));
 block_test!(v2_block17, "v2.block17", |d| ResBlock::new(ResKind::B, &v2().block_b, 0.10, true, d));

@@ -33,7 +33,7 @@ fn text(o: &Output) -> String {
 fn model_file() -> &'static Path {
     static P: OnceLock<PathBuf> = OnceLock::new();
     P.get_or_init(|| {
-        let m = Model::new(&ModelConfig { model: ModelKind::InceptionResnetV1, num_classes: 1000 }, &Device::flex());
+        let m = Model::new(&ModelConfig::new(ModelKind::InceptionResnetV1, 1000), &Device::flex());
         let p = dir().join("v1.safetensors");
         weights::save_model(&m, &p).unwrap();
         p
@@ -68,7 +68,7 @@ fn summary_prints_totals() {
 fn check_passes_on_own_outputs_and_fails_on_perturbed() {
     let device = Device::flex();
     let m = weights::load(
-        Model::new(&ModelConfig { model: ModelKind::InceptionResnetV1, num_classes: 1000 }, &device),
+        Model::new(&ModelConfig::new(ModelKind::InceptionResnetV1, 1000), &device),
         model_file(),
         &Default::default(),
     )

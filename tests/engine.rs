@@ -10,7 +10,7 @@ use inception::predict::{EngineKind, Predictor};
 
 fn agree(kind: ModelKind, size: usize) {
     let device = Device::flex();
-    let make = || common::deterministic(Model::new(&ModelConfig { model: kind, num_classes: 11 }, &device));
+    let make = || common::deterministic(Model::new(&ModelConfig::new(kind, 11), &device));
     let burn = Predictor::new(make(), EngineKind::Burn, &device);
     let fast = Predictor::new(make(), EngineKind::Fast, &device);
     let shape = [2, 3, size, size];

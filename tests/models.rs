@@ -11,7 +11,7 @@ use inception::summary::summarize;
 use inception::weights::param_shapes;
 
 fn model(kind: ModelKind, num_classes: usize) -> Model {
-    Model::new(&ModelConfig { model: kind, num_classes }, &Device::flex())
+    Model::new(&ModelConfig::new(kind, num_classes), &Device::flex())
 }
 
 #[test]

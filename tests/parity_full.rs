@@ -25,7 +25,7 @@ fn parity(kind: ModelKind, classes: usize, sizes: [usize; 2]) {
         let device = Device::flex();
         let dir = full(kind);
         assert!(dir.exists(), "{} missing: run python3 scripts/reference/make_full.py", dir.display());
-        let m = Model::new(&ModelConfig { model: kind, num_classes: classes }, &device);
+        let m = Model::new(&ModelConfig::new(kind, classes), &device);
         let m = weights::load(m, &dir.join("model.safetensors"), &LoadOptions::default()).unwrap();
         let p = Predictor::new(m, engine, &device);
         for size in sizes {

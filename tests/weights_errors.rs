@@ -23,7 +23,7 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 fn v1(classes: usize) -> Model {
-    Model::new(&ModelConfig { model: ModelKind::InceptionResnetV1, num_classes: classes }, &Device::flex())
+    Model::new(&ModelConfig::new(ModelKind::InceptionResnetV1, classes), &Device::flex())
 }
 
 /// The tensors of a 5-class IR-v1, computed once.

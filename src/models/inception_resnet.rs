@@ -19,8 +19,8 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::layers::{
-    BN_EPS, ConvBnAct, ConvSpec, Layer, conv_bias, conv_chain, conv_counted, k, k1xn, knx1, max_pool_3s2, pool_proj,
-    run_chain, run_layers,
+    BN_EPS, ConvBnAct, ConvSpec, Layer, ch, conv_bias, conv_chain, conv_counted, k, k1xn, knx1, max_pool_3s2,
+    pool_proj, run_chain, run_layers,
 };
 use crate::models::inception_v4::ReductionA;
 use crate::models::{FeatureInfo, classifier, linear_counted};
@@ -64,6 +64,34 @@ pub struct IrConfig {
     pub last_scale: f64,
     /// Classes of the classifier; 0 = none.
     pub num_classes: usize,
+    /// Width multiplier applied to every channel count (1.0 = the published network); small
+    /// variants for small data and machines are the same code.
+    #[serde(default = "one")]
+    pub width: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// Channels out of the stem: `mixed_5b` (v2: 96 + 64 + 96 + 64) or `conv2d_4b` (v1: 256).
+fn stem_out(layout: IrLayout, width: f64) -> usize {
+    match layout {
+        IrLayout::SlimV2 => ch(96, width) + ch(64, width) + ch(96, width) + ch(64, width),
+        IrLayout::FacenetV1 => ch(256, width),
+    }
+}
+
+impl ResBlockSpec {
+    fn scaled(&self, w: f64) -> Self {
+        let v = |xs: &[usize]| xs.iter().map(|&x| ch(x, w)).collect();
+        Self {
+            channels: ch(self.channels, w),
+            branch0: ch(self.branch0, w),
+            branch1: v(&self.branch1),
+            branch2: v(&self.branch2),
+        }
+    }
 }
 
 impl IrConfig {
@@ -80,6 +108,7 @@ impl IrConfig {
             scales: [0.17, 0.10, 0.20],
             last_scale: 1.0,
             num_classes,
+            width: 1.0,
         }
     }
 
@@ -96,7 +125,26 @@ impl IrConfig {
             scales: [0.17, 0.10, 0.20],
             last_scale: 1.0,
             num_classes,
+            width: 1.0,
         }
+    }
+
+    /// The same layout with every channel count multiplied by `width` (rounded, at least 1).
+    /// Block widths are then re-derived from what feeds them (stem / reduction outputs), so
+    /// rounding never breaks a residual sum.
+    pub fn with_width(mut self, width: f64) -> Self {
+        let w = width / self.width;
+        self.block_a = self.block_a.scaled(w);
+        self.block_b = self.block_b.scaled(w);
+        self.block_c = self.block_c.scaled(w);
+        self.reduction_a = self.reduction_a.map(|x| ch(x, w));
+        self.reduction_b = self.reduction_b.clone().map(|b| b.iter().map(|&x| ch(x, w)).collect());
+        self.block_a.channels = stem_out(self.layout, width);
+        self.block_b.channels = self.reduction_a[3] + self.reduction_a[2] + self.block_a.channels;
+        self.block_c.channels =
+            self.reduction_b.iter().map(|b| b.last().copied().unwrap_or(0)).sum::<usize>() + self.block_b.channels;
+        self.width = width;
+        self
     }
 }
 
@@ -227,12 +275,13 @@ pub struct Mixed5b {
 }
 
 impl Mixed5b {
-    pub fn new(device: &Device) -> Self {
+    pub fn new(width: f64, device: &Device) -> Self {
+        let c = |n| ch(n, width);
         Self {
-            branch0: ConvBnAct::new(192, 96, k(1), device),
-            branch1: conv_chain(192, &[(48, k(1)), (64, k(5).same())], device),
-            branch2: conv_chain(192, &[(64, k(1)), (96, k(3).same()), (96, k(3).same())], device),
-            branch3: pool_proj(192, 64, device),
+            branch0: ConvBnAct::new(c(192), c(96), k(1), device),
+            branch1: conv_chain(c(192), &[(c(48), k(1)), (c(64), k(5).same())], device),
+            branch2: conv_chain(c(192), &[(c(64), k(1)), (c(96), k(3).same()), (c(96), k(3).same())], device),
+            branch3: pool_proj(c(192), c(64), device),
         }
     }
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
@@ -276,39 +325,42 @@ pub struct InceptionResnet {
     pub logits: Option<Linear>,
     #[module(skip)]
     pub layout: IrLayout,
+    #[module(skip)]
+    pub width: f64,
 }
 
 impl InceptionResnet {
     pub fn new(cfg: &IrConfig, device: &Device) -> Self {
         let v2 = cfg.layout == IrLayout::SlimV2;
-        let (a, b, c) = (&cfg.block_a, &cfg.block_b, &cfg.block_c);
+        let (a, b, cc) = (&cfg.block_a, &cfg.block_b, &cfg.block_c);
         let stage = |kind: ResKind, s: &ResBlockSpec, n: usize, scale: f64| -> Vec<ResBlock> {
             (0..n).map(|_| ResBlock::new(kind, s, scale, true, device)).collect()
         };
-        let stem_out = if v2 { 320 } else { 256 };
-        assert_eq!(stem_out, a.channels, "Block35 width must equal the stem output");
+        let c = |n| ch(n, cfg.width);
+        assert_eq!(stem_out(cfg.layout, cfg.width), a.channels, "Block35 width must equal the stem output");
         Self {
-            conv2d_1a: ConvBnAct::new(3, 32, k(3).s2(), device),
-            conv2d_2a: ConvBnAct::new(32, 32, k(3), device),
-            conv2d_2b: ConvBnAct::new(32, 64, k(3).same(), device),
+            conv2d_1a: ConvBnAct::new(3, c(32), k(3).s2(), device),
+            conv2d_2a: ConvBnAct::new(c(32), c(32), k(3), device),
+            conv2d_2b: ConvBnAct::new(c(32), c(64), k(3).same(), device),
             maxpool_3a: max_pool_3s2(),
-            conv2d_3b: ConvBnAct::new(64, 80, k(1), device),
-            conv2d_4a: ConvBnAct::new(80, 192, k(3), device),
-            conv2d_4b: (!v2).then(|| ConvBnAct::new(192, 256, k(3).s2(), device)),
+            conv2d_3b: ConvBnAct::new(c(64), c(80), k(1), device),
+            conv2d_4a: ConvBnAct::new(c(80), c(192), k(3), device),
+            conv2d_4b: (!v2).then(|| ConvBnAct::new(c(192), c(256), k(3).s2(), device)),
             maxpool_5a: v2.then(max_pool_3s2),
-            mixed_5b: v2.then(|| Mixed5b::new(device)),
+            mixed_5b: v2.then(|| Mixed5b::new(cfg.width, device)),
             repeat: stage(ResKind::A, a, cfg.repeats[0], cfg.scales[0]),
             mixed_6a: ReductionA::new(a.channels, cfg.reduction_a, device),
             repeat_1: stage(ResKind::B, b, cfg.repeats[1], cfg.scales[1]),
             mixed_7a: ReductionB::new(b.channels, &cfg.reduction_b, device),
-            repeat_2: stage(ResKind::C, c, cfg.repeats[2], cfg.scales[2]),
-            block8: ResBlock::new(ResKind::C, c, cfg.last_scale, false, device),
-            conv2d_7b: v2.then(|| ConvBnAct::new(c.channels, 1536, k(1), device)),
-            classif: if v2 { classifier(1536, cfg.num_classes, device) } else { None },
-            last_linear: (!v2).then(|| LinearConfig::new(c.channels, 512).with_bias(false).init(device)),
-            last_bn: (!v2).then(|| BatchNormConfig::new(512).with_epsilon(BN_EPS).init(device)),
-            logits: if v2 { None } else { classifier(512, cfg.num_classes, device) },
+            repeat_2: stage(ResKind::C, cc, cfg.repeats[2], cfg.scales[2]),
+            block8: ResBlock::new(ResKind::C, cc, cfg.last_scale, false, device),
+            conv2d_7b: v2.then(|| ConvBnAct::new(cc.channels, c(1536), k(1), device)),
+            classif: if v2 { classifier(c(1536), cfg.num_classes, device) } else { None },
+            last_linear: (!v2).then(|| LinearConfig::new(cc.channels, c(512)).with_bias(false).init(device)),
+            last_bn: (!v2).then(|| BatchNormConfig::new(c(512)).with_epsilon(BN_EPS).init(device)),
+            logits: if v2 { None } else { classifier(c(512), cfg.num_classes, device) },
             layout: cfg.layout,
+            width: cfg.width,
         }
     }
 
@@ -332,10 +384,12 @@ impl InceptionResnet {
         }
     }
 
+    /// Width of the pre-logits: `conv2d_7b` output (v2) or the facenet bottleneck (v1).
     pub fn num_features(&self) -> usize {
-        match self.layout {
-            IrLayout::SlimV2 => 1536,
-            IrLayout::FacenetV1 => self.block8.branch0.conv.weight.dims()[1],
+        match (&self.conv2d_7b, &self.last_linear) {
+            (Some(c), _) => c.out_channels(),
+            (None, Some(l)) => l.weight.dims()[1],
+            (None, None) => self.block8.conv2d.weight.dims()[0],
         }
     }
 

@@ -123,6 +123,19 @@ pub struct FeatureInfo {
 pub struct ModelConfig {
     pub model: ModelKind,
     pub num_classes: usize,
+    /// Channel multiplier (Inception-ResNet only; 1.0 = the published width).
+    #[serde(default = "default_width")]
+    pub width: f64,
+}
+
+fn default_width() -> f64 {
+    1.0
+}
+
+impl ModelConfig {
+    pub fn new(model: ModelKind, num_classes: usize) -> Self {
+        Self { model, num_classes, width: 1.0 }
+    }
 }
 
 /// A linear classifier, `None` when the model has 0 classes (timm's `Identity`).
@@ -149,10 +162,10 @@ impl Model {
         match cfg.model {
             ModelKind::InceptionV4 => Model::V4(InceptionV4::new(cfg.num_classes, device)),
             ModelKind::InceptionResnetV2 => {
-                Model::Ir(InceptionResnet::new(&IrConfig::slim_v2(cfg.num_classes), device))
+                Model::Ir(InceptionResnet::new(&IrConfig::slim_v2(cfg.num_classes).with_width(cfg.width), device))
             }
             ModelKind::InceptionResnetV1 => {
-                Model::Ir(InceptionResnet::new(&IrConfig::facenet_v1(cfg.num_classes), device))
+                Model::Ir(InceptionResnet::new(&IrConfig::facenet_v1(cfg.num_classes).with_width(cfg.width), device))
             }
         }
     }
@@ -168,7 +181,11 @@ impl Model {
     }
 
     pub fn config(&self) -> ModelConfig {
-        ModelConfig { model: self.kind(), num_classes: self.num_classes() }
+        let width = match self {
+            Model::V4(_) => 1.0,
+            Model::Ir(m) => m.width,
+        };
+        ModelConfig { model: self.kind(), num_classes: self.num_classes(), width }
     }
 
     fn head(&self) -> &Option<Linear> {
@@ -186,10 +203,7 @@ impl Model {
     pub fn num_features(&self) -> usize {
         match self {
             Model::V4(_) => 1536,
-            Model::Ir(m) => match m.layout {
-                inception_resnet::IrLayout::SlimV2 => 1536,
-                inception_resnet::IrLayout::FacenetV1 => 512,
-            },
+            Model::Ir(m) => m.num_features(),
         }
     }
 
