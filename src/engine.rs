@@ -16,11 +16,9 @@ use burn::tensor::Tensor;
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
-use crate::layers::{BN_EPS, ConvBnAct, Layer};
-use crate::models::inception_resnet::{InceptionResnet, IrLayout, Mixed5b, ReductionB as IrReductionB, ResBlock};
-use crate::models::inception_v4::{
-    InceptionA, InceptionB, InceptionV4, Mixed3a, Mixed4a, Mixed5a, ReductionA, ReductionB, V4Block,
-};
+use crate::layers::{BN_EPS, ConvBnAct, FourBranch, Layer};
+use crate::models::inception_resnet::{InceptionResnet, IrLayout, ReductionB as IrReductionB, ResBlock};
+use crate::models::inception_v4::{InceptionV4, Mixed3a, Mixed4a, Mixed5a, ReductionA, ReductionB, V4Block};
 use crate::models::{Model, ModelKind};
 
 /// An NHWC activation.
@@ -463,6 +461,7 @@ impl Dense {
 #[derive(Clone, Debug)]
 pub struct Engine {
     kind: ModelKind,
+    width: f64,
     blocks: Vec<Block>,
     /// Index of the block after which each `feature_info` stage ends.
     stage_ends: Vec<usize>,
@@ -478,10 +477,7 @@ fn v4_block(b: V4Block) -> Block {
         V4Block::Mixed3a(Mixed3a { conv, .. }) => vec![pool(), Branch::conv(conv)],
         V4Block::Mixed4a(Mixed4a { branch0, branch1 }) => vec![convs(branch0), convs(branch1)],
         V4Block::Mixed5a(Mixed5a { conv, .. }) => vec![Branch::conv(conv), pool()],
-        V4Block::InceptionA(InceptionA { branch0, branch1, branch2, branch3 })
-        | V4Block::InceptionB(InceptionB { branch0, branch1, branch2, branch3 }) => {
-            vec![Branch::conv(branch0), convs(branch1), convs(branch2), Branch::layers(branch3)]
-        }
+        V4Block::InceptionA(b) | V4Block::InceptionB(b) => four_branch(b),
         V4Block::ReductionA(r) => reduction_a(r),
         V4Block::ReductionB(ReductionB { branch0, branch1, .. }) => vec![convs(branch0), convs(branch1), pool()],
         V4Block::InceptionC(c) => {
@@ -499,6 +495,10 @@ fn v4_block(b: V4Block) -> Block {
         }
     };
     Block::plain(branches)
+}
+
+fn four_branch(FourBranch { branch0, branch1, branch2, branch3 }: FourBranch) -> Vec<Branch> {
+    vec![Branch::conv(branch0), Branch::convs(branch1), Branch::convs(branch2), Branch::layers(branch3)]
 }
 
 fn reduction_a(r: ReductionA) -> Vec<Branch> {
@@ -520,6 +520,7 @@ impl Engine {
         match model {
             Model::V4(InceptionV4 { features, last_linear }) => Engine {
                 kind,
+                width: 1.0,
                 blocks: features.into_iter().map(v4_block).collect(),
                 stage_ends: vec![2, 3, 9, 17, 21],
                 bottleneck: None,
@@ -532,26 +533,25 @@ impl Engine {
     fn from_ir(kind: ModelKind, m: InceptionResnet) -> Self {
         let mut blocks = Vec::new();
         let mut stage_ends = Vec::new();
-        for c in [m.conv2d_1a, m.conv2d_2a, m.conv2d_2b] {
-            blocks.push(Block::plain(vec![Branch::conv(c)]));
+        let conv = |c: ConvBnAct| Block::plain(vec![Branch::conv(c)]);
+        let pool = || Block::plain(vec![Branch::max_pool()]);
+        blocks.extend([m.conv2d_1a, m.conv2d_2a, m.conv2d_2b].map(conv));
+        stage_ends.push(blocks.len() - 1);
+        if let (Some(_), Some(c3), Some(c4)) = (m.maxpool_3a, m.conv2d_3b, m.conv2d_4a) {
+            blocks.extend([pool(), conv(c3), conv(c4)]);
+        }
+        if let (Some(m3), Some(m4)) = (m.mixed_3a, m.mixed_4a) {
+            blocks.extend([v4_block(V4Block::Mixed3a(m3)), v4_block(V4Block::Mixed4a(m4))]);
         }
         stage_ends.push(blocks.len() - 1);
-        blocks.push(Block::plain(vec![Branch::max_pool()]));
-        for c in [m.conv2d_3b, m.conv2d_4a] {
-            blocks.push(Block::plain(vec![Branch::conv(c)]));
+        if let Some(m5) = m.mixed_5a {
+            blocks.push(v4_block(V4Block::Mixed5a(m5)));
         }
-        stage_ends.push(blocks.len() - 1);
         if let Some(c) = m.conv2d_4b {
-            blocks.push(Block::plain(vec![Branch::conv(c)]));
+            blocks.push(conv(c));
         }
-        if let Some(Mixed5b { branch0, branch1, branch2, branch3 }) = m.mixed_5b {
-            blocks.push(Block::plain(vec![Branch::max_pool()]));
-            blocks.push(Block::plain(vec![
-                Branch::conv(branch0),
-                Branch::convs(branch1),
-                Branch::convs(branch2),
-                Branch::layers(branch3),
-            ]));
+        if let Some(b) = m.mixed_5b {
+            blocks.extend([pool(), Block::plain(four_branch(b))]);
         }
         blocks.extend(m.repeat.into_iter().map(res_block));
         stage_ends.push(blocks.len() - 1);
@@ -566,18 +566,20 @@ impl Engine {
             Branch::max_pool(),
         ]));
         blocks.extend(m.repeat_2.into_iter().map(res_block));
-        blocks.push(res_block(m.block8));
-        if let Some(c) = m.conv2d_7b {
-            blocks.push(Block::plain(vec![Branch::conv(c)]));
-        }
+        blocks.extend(m.block8.map(res_block));
+        blocks.extend(m.conv2d_7b.map(conv));
         stage_ends.push(blocks.len() - 1);
         let (bottleneck, classifier) = match m.layout {
-            IrLayout::SlimV2 => (None, m.classif.map(|l| Dense::new(l, None))),
             IrLayout::FacenetV1 => {
                 (m.last_linear.map(|l| Dense::new(l, m.last_bn)), m.logits.map(|l| Dense::new(l, None)))
             }
+            _ => (None, m.classif.map(|l| Dense::new(l, None))),
         };
-        Engine { kind, blocks, stage_ends, bottleneck, classifier }
+        Engine { kind, width: m.width, blocks, stage_ends, bottleneck, classifier }
+    }
+
+    pub fn width(&self) -> f64 {
+        self.width
     }
 
     pub fn kind(&self) -> ModelKind {

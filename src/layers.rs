@@ -193,3 +193,27 @@ pub fn global_avg_pool(x: Tensor<4>) -> Tensor<2> {
     let [n, c, _, _] = x.dims();
     x.mean_dim(3).mean_dim(2).reshape([n, c])
 }
+
+/// Four parallel branches concatenated: 1x1 || conv chain || conv chain || avg pool -> 1x1.
+/// The shape of Inception-A and -B (paper Figs. 4, 5) and of TF-slim's `Mixed_5b`.
+#[derive(Module, Debug)]
+pub struct FourBranch {
+    pub branch0: ConvBnAct,
+    pub branch1: Vec<ConvBnAct>,
+    pub branch2: Vec<ConvBnAct>,
+    pub branch3: Vec<Layer>,
+}
+
+impl FourBranch {
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        Tensor::cat(
+            vec![
+                self.branch0.forward(x.clone()),
+                run_chain(&self.branch1, x.clone()),
+                run_chain(&self.branch2, x.clone()),
+                run_layers(&self.branch3, x),
+            ],
+            1,
+        )
+    }
+}

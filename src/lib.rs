@@ -10,6 +10,7 @@ pub mod weights;
 pub use error::{Error, KeyProblem, Result};
 pub use models::{Model, ModelConfig, ModelKind};
 pub mod bench;
+pub mod demo;
 pub mod engine;
 pub mod hub;
 pub mod labels;

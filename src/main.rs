@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use clap::{Parser, Subcommand};
-use inception::models::inception_resnet::{InceptionResnet, IrLayout};
+use inception::models::inception_resnet::InceptionResnet;
 use inception::models::{Model, ModelConfig, ModelKind};
 use inception::predict::{EngineKind, Predictor};
 use inception::train::{self, TrainConfig};
@@ -33,8 +33,9 @@ struct Cli {
 enum Cmd {
     /// Top-K classes of each image (preprocessing from the model's pretrained config).
     Classify {
-        #[arg(long, default_value = "inception_resnet_v2")]
-        model: String,
+        /// Without --model and --weights: the embedded Fashion-MNIST demo model.
+        #[arg(long)]
+        model: Option<String>,
         /// Local safetensors file; without it the published weights are fetched from the hub.
         #[arg(long)]
         weights: Option<PathBuf>,
@@ -196,6 +197,7 @@ fn classes_in_file(kind: ModelKind, path: &Path) -> Result<usize> {
         ModelKind::InceptionV4 => "last_linear.bias",
         ModelKind::InceptionResnetV2 => "classif.bias",
         ModelKind::InceptionResnetV1 => "logits.bias",
+        _ => "classif.bias",
     };
     Ok(st.tensor(key).map(|t| t.shape().first().copied().unwrap_or(0)).unwrap_or(0))
 }
@@ -226,13 +228,26 @@ struct Prediction {
     top: Vec<(usize, String, f32)>,
 }
 
-fn classify(m: &Predictor, top: usize, json: bool, images: &[PathBuf]) -> Result<bool> {
-    let cfg = m.kind().pretrained();
-    let names = if m.num_classes() == 1000 { labels::imagenet() } else { Vec::new() };
+fn classify(m: &Predictor, demo: bool, top: usize, json: bool, images: &[PathBuf]) -> Result<bool> {
+    let cfg = if demo { inception::demo::pretrained()? } else { m.kind().pretrained() };
+    let names = match (demo, m.num_classes()) {
+        (true, _) => inception::demo::labels(),
+        (false, 1000) => labels::imagenet(),
+        _ => Vec::new(),
+    };
     let mut ok = true;
     let mut results = Vec::new();
     for path in images {
-        let img = match preprocess::load_image(path, &cfg, cfg.input_size) {
+        let loaded = if demo {
+            // the demo saw grayscale Fashion-MNIST: luma repeated to 3 channels
+            preprocess::load_rgb(path).map(|i| {
+                let g = image::DynamicImage::ImageRgb8(i).to_luma8();
+                preprocess::transform(&image::DynamicImage::ImageLuma8(g).to_rgb8(), &cfg, cfg.input_size)
+            })
+        } else {
+            preprocess::load_image(path, &cfg, cfg.input_size)
+        };
+        let img = match loaded {
             Ok(v) => v,
             Err(e) => {
                 eprintln!("error: {e}");
@@ -268,7 +283,7 @@ fn embed(m: &Predictor, layer: &str, out: &Path, batch: usize, inputs: &[PathBuf
     let stage = if layer == "pooled" {
         None
     } else {
-        let info = feature_info(m.kind());
+        let info = feature_info(m.kind(), m.width());
         Some(info.iter().position(|f| f.module == layer).with_context(|| {
             format!(
                 "unknown layer '{layer}' (pooled, {})",
@@ -379,11 +394,10 @@ fn softmax(logits: &[f32]) -> Vec<f32> {
     e.into_iter().map(|v| v / sum).collect()
 }
 
-fn feature_info(kind: ModelKind) -> Vec<inception::models::FeatureInfo> {
-    match kind {
-        ModelKind::InceptionV4 => inception::models::inception_v4::InceptionV4::feature_info(),
-        ModelKind::InceptionResnetV2 => InceptionResnet::feature_info(IrLayout::SlimV2),
-        ModelKind::InceptionResnetV1 => InceptionResnet::feature_info(IrLayout::FacenetV1),
+fn feature_info(kind: ModelKind, width: f64) -> Vec<inception::models::FeatureInfo> {
+    match kind.ir_layout() {
+        None => inception::models::inception_v4::InceptionV4::feature_info(),
+        Some(layout) => InceptionResnet::feature_info(layout, width),
     }
 }
 
@@ -427,9 +441,18 @@ fn run(cli: Cli) -> Result<bool> {
             }
             Ok(true)
         }
-        Cmd::Classify { model, weights, top, json, images } => {
-            classify(&load_predictor(&model, weights.as_deref(), engine, &dev)?, top, json, &images)
-        }
+        Cmd::Classify { model, weights, top, json, images } => match (model, weights) {
+            (None, None) => {
+                let m = Predictor::new(inception::demo::model(&dev)?, engine, &dev);
+                classify(&m, true, top, json, &images)
+            }
+            (model, weights) => {
+                let from_file = weights.as_deref().and_then(|w| weights::read_config(w).ok().flatten());
+                let model = model.or(from_file.map(|c| c.model.name().to_string()));
+                let model = model.unwrap_or_else(|| "inception_resnet_v2".to_string());
+                classify(&load_predictor(&model, weights.as_deref(), engine, &dev)?, false, top, json, &images)
+            }
+        },
         Cmd::Embed { model, weights, layer, out, batch, inputs } => {
             embed(&load_predictor(&model, weights.as_deref(), engine, &dev)?, &layer, &out, batch, &inputs)
         }

@@ -72,6 +72,14 @@ impl Predictor {
         }
     }
 
+    /// Channel multiplier of the model.
+    pub fn width(&self) -> f64 {
+        match self {
+            Predictor::Burn(m, _) => m.config().width,
+            Predictor::Fast(e) => e.width(),
+        }
+    }
+
     pub fn num_classes(&self) -> usize {
         match self {
             Predictor::Burn(m, _) => m.num_classes(),

@@ -118,6 +118,7 @@ fn classifier_prefix(kind: ModelKind) -> &'static str {
         ModelKind::InceptionV4 => "last_linear.",
         ModelKind::InceptionResnetV2 => "classif.",
         ModelKind::InceptionResnetV1 => "logits.",
+        ModelKind::InceptionResnetV2Paper | ModelKind::InceptionResnetV1Paper => "classif.",
     }
 }
 
@@ -254,8 +255,12 @@ pub fn fill_model(model: Model, source: &mut TensorSource<'_>) -> Model {
 
 /// Load a safetensors file into `model` strictly (see `LoadOptions`).
 pub fn load(model: Model, path: &Path, opts: &LoadOptions) -> Result<Model> {
-    let bytes = read_file(path)?;
-    let st = parse(path, &bytes)?;
+    load_bytes(model, &read_file(path)?, path, opts)
+}
+
+/// `load` from bytes already in memory (`path` names them in errors).
+pub fn load_bytes(model: Model, bytes: &[u8], path: &Path, opts: &LoadOptions) -> Result<Model> {
+    let st = parse(path, bytes)?;
     let mut tensors = check(&model, path, &st, opts)?;
     let mut source = |key: &str, _: &[usize]| tensors.remove(key).map(|t| t.data);
     let mut applier = Applier { remap: key_remap(model.kind()), tracker: PathTracker::default(), source: &mut source };

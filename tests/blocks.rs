@@ -4,7 +4,7 @@
 mod common;
 
 use burn::tensor::{Device, Tensor};
-use inception::models::inception_resnet::{IrConfig, Mixed5b, ReductionB, ResBlock, ResKind};
+use inception::models::inception_resnet::{IrConfig, ReductionB, ResBlock, ResKind, mixed_5b};
 use inception::models::inception_v4 as v4;
 
 const ATOL: f32 = 1e-4;
@@ -29,12 +29,12 @@ macro_rules! block_test {
     };
 }
 
-block_test!(v4_mixed3a, "v4.mixed3a", v4::Mixed3a::new);
-block_test!(v4_mixed4a, "v4.mixed4a", v4::Mixed4a::new);
-block_test!(v4_mixed5a, "v4.mixed5a", v4::Mixed5a::new);
-block_test!(v4_inception_a, "v4.inception_a", v4::InceptionA::new);
+block_test!(v4_mixed3a, "v4.mixed3a", |d| v4::Mixed3a::new(1.0, d));
+block_test!(v4_mixed4a, "v4.mixed4a", |d| v4::Mixed4a::new(1.0, d));
+block_test!(v4_mixed5a, "v4.mixed5a", |d| v4::Mixed5a::new(1.0, d));
+block_test!(v4_inception_a, "v4.inception_a", v4::inception_a);
 block_test!(v4_reduction_a, "v4.reduction_a", |d| v4::ReductionA::new(384, [192, 224, 256, 384], d));
-block_test!(v4_inception_b, "v4.inception_b", v4::InceptionB::new);
+block_test!(v4_inception_b, "v4.inception_b", v4::inception_b);
 block_test!(v4_reduction_b, "v4.reduction_b", v4::ReductionB::new);
 block_test!(v4_inception_c, "v4.inception_c", v4::InceptionC::new);
 
@@ -45,7 +45,7 @@ fn v1() -> IrConfig {
     IrConfig::facenet_v1(0)
 }
 
-block_test!(v2_mixed_5b, "v2.mixed_5b", |d| Mixed5b::new(1.0, d));
+block_test!(v2_mixed_5b, "v2.mixed_5b", |d| mixed_5b(1.0, d));
 block_test!(v2_block35, "v2.block35", |d| ResBlock::new(ResKind::A, &v2().block_a, 0.17, true, d));
 block_test!(v2_mixed_6a, "v2.mixed_6a", |d| v4::ReductionA::new(320, v2().reduction_a, d));
 block_test!(v2_block17, "v2.block17", |d| ResBlock::new(ResKind::B, &v2().block_b, 0.10, true, d));

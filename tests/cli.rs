@@ -180,3 +180,23 @@ fn embed_writes_embeddings_with_paths() {
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     assert_eq!(st.tensor("embeddings").unwrap().shape(), &[1, 896, 8, 8]);
 }
+
+#[test]
+fn demo_model_classifies_the_shipped_samples_offline() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo/samples");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).collect();
+    files.sort();
+    let names = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot"];
+    let mut args = vec!["classify".to_string(), "--json".into(), "--top".into(), "1".into()];
+    args.extend(files.iter().map(|f| f.display().to_string()));
+    let o = bin().args(&args).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let mut correct = 0;
+    for (f, pred) in files.iter().zip(v.as_array().unwrap()) {
+        let stem = f.file_stem().unwrap().to_string_lossy().to_string();
+        let truth = names.iter().position(|n| stem.rsplit_once('_').map(|(a, _)| a) == Some(*n)).unwrap();
+        correct += (pred["top"][0][0].as_u64() == Some(truth as u64)) as usize;
+    }
+    assert!(correct >= 8, "only {correct} of {} samples right: {}", files.len(), text(&o));
+}

@@ -48,3 +48,9 @@ fn fast_engine_matches_burn_inception_resnet_v1() {
     agree(ModelKind::InceptionResnetV1, 80);
     agree(ModelKind::InceptionResnetV1, 160);
 }
+
+#[test]
+fn fast_engine_matches_burn_paper_layouts() {
+    agree(ModelKind::InceptionResnetV2Paper, 75);
+    agree(ModelKind::InceptionResnetV1Paper, 75);
+}

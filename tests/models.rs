@@ -151,3 +151,38 @@ fn model_names_parse_like_timm() {
     let err = "resnet50".parse::<ModelKind>().unwrap_err().to_string();
     assert!(err.contains("resnet50") && err.contains("inception_v4"), "{err}");
 }
+
+#[test]
+fn paper_layouts_follow_the_figures() {
+    // Fig. 3 stem + 5/10/5 blocks; Inception-ResNet-C at 2144 (see IrConfig::paper_v2)
+    let v2: Vec<Vec<usize>> = stage_shapes(ModelKind::InceptionResnetV2Paper, 299);
+    assert_eq!(
+        v2,
+        vec![
+            vec![1, 64, 147, 147],
+            vec![1, 192, 71, 71],
+            vec![1, 384, 35, 35],
+            vec![1, 1152, 17, 17],
+            vec![1, 2144, 8, 8],
+            vec![1, 10]
+        ]
+    );
+    let v1 = stage_shapes(ModelKind::InceptionResnetV1Paper, 299);
+    assert_eq!(v1[2..5], [vec![1, 256, 35, 35], vec![1, 896, 17, 17], vec![1, 1792, 8, 8]]);
+    let m = model(ModelKind::InceptionResnetV2Paper, 10);
+    let Model::Ir(ir) = &m else { panic!("not an Inception-ResNet") };
+    assert_eq!((ir.repeat.len(), ir.repeat_1.len(), ir.repeat_2.len()), (5, 10, 5));
+    assert!(ir.block8.is_none() && ir.conv2d_7b.is_none());
+}
+
+#[test]
+fn width_multiplier_scales_channels_consistently() {
+    for kind in [ModelKind::InceptionResnetV2, ModelKind::InceptionResnetV1, ModelKind::InceptionResnetV2Paper] {
+        for width in [0.1, 0.25, 0.5] {
+            let m = Model::new(&ModelConfig { model: kind, num_classes: 3, width }, &Device::flex());
+            let s = summarize(&m, 75, &Device::flex()).unwrap();
+            assert_eq!(s.stages.last().unwrap().output, vec![1, 3], "{kind} at width {width}");
+            assert!(m.num_params() < model(kind, 3).num_params() / 2);
+        }
+    }
+}

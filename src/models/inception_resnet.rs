@@ -18,11 +18,12 @@ use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::layers::FourBranch;
 use crate::layers::{
-    BN_EPS, ConvBnAct, ConvSpec, Layer, ch, conv_bias, conv_chain, conv_counted, k, k1xn, knx1, max_pool_3s2,
-    pool_proj, run_chain, run_layers,
+    BN_EPS, ConvBnAct, ConvSpec, ch, conv_bias, conv_chain, conv_counted, k, k1xn, knx1, max_pool_3s2, pool_proj,
+    run_chain,
 };
-use crate::models::inception_v4::ReductionA;
+use crate::models::inception_v4::{Mixed3a, Mixed4a, Mixed5a, ReductionA};
 use crate::models::{FeatureInfo, classifier, linear_counted};
 
 /// Channel table of one residual Inception block: input/output width, the 1x1 branch, and the
@@ -43,6 +44,10 @@ pub enum IrLayout {
     SlimV2,
     /// facenet-pytorch Inception-ResNet-v1.
     FacenetV1,
+    /// The paper's Inception-ResNet-v1 (Figs. 10-15): Fig. 14 stem, 5/10/5 blocks, pool, linear.
+    PaperV1,
+    /// The paper's Inception-ResNet-v2 (Figs. 3, 16-19): Fig. 3 stem, 5/10/5 blocks, pool, linear.
+    PaperV2,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -78,7 +83,9 @@ fn one() -> f64 {
 fn stem_out(layout: IrLayout, width: f64) -> usize {
     match layout {
         IrLayout::SlimV2 => ch(96, width) + ch(64, width) + ch(96, width) + ch(64, width),
-        IrLayout::FacenetV1 => ch(256, width),
+        IrLayout::FacenetV1 | IrLayout::PaperV1 => ch(256, width),
+        // Fig. 3: Mixed5a = 3x3/2 conv 192 || max pool over Mixed4a's 96 + 96
+        IrLayout::PaperV2 => ch(192, width) + 2 * ch(96, width),
     }
 }
 
@@ -121,6 +128,32 @@ impl IrConfig {
             block_c: ResBlockSpec { channels: 1792, branch0: 192, branch1: vec![192, 192, 192], branch2: vec![] },
             reduction_a: [192, 192, 256, 384],
             reduction_b: [vec![256, 384], vec![256, 256], vec![256, 256, 256]],
+            repeats: [5, 10, 5],
+            scales: [0.17, 0.10, 0.20],
+            last_scale: 1.0,
+            num_classes,
+            width: 1.0,
+        }
+    }
+
+    /// The paper's Inception-ResNet-v1 (Figs. 10-14, Table 1): the facenet trunk without the
+    /// extra final Block8 and bottleneck; the classifier sits on the pooled 1792 channels.
+    pub fn paper_v1(num_classes: usize) -> Self {
+        Self { layout: IrLayout::PaperV1, ..Self::facenet_v1(num_classes) }
+    }
+
+    /// The paper's Inception-ResNet-v2 (Figs. 3, 16-19, Table 1). Fig. 19 draws Inception-ResNet-C
+    /// with 2048 output channels, but its input, the Reduction-B output of Fig. 18, has
+    /// 384 + 288 + 320 + 1152 = 2144, and a residual sum needs equal widths: we use 2144 (2048
+    /// would need a projection on the shortcut that the paper never draws).
+    pub fn paper_v2(num_classes: usize) -> Self {
+        Self {
+            layout: IrLayout::PaperV2,
+            block_a: ResBlockSpec { channels: 384, branch0: 32, branch1: vec![32, 32], branch2: vec![32, 48, 64] },
+            block_b: ResBlockSpec { channels: 1152, branch0: 192, branch1: vec![128, 160, 192], branch2: vec![] },
+            block_c: ResBlockSpec { channels: 2144, branch0: 192, branch1: vec![192, 224, 256], branch2: vec![] },
+            reduction_a: [256, 256, 384, 384],
+            reduction_b: [vec![256, 384], vec![256, 288], vec![256, 288, 320]],
             repeats: [5, 10, 5],
             scales: [0.17, 0.10, 0.20],
             last_scale: 1.0,
@@ -266,34 +299,13 @@ impl ReductionB {
 
 /// TF-slim `Mixed_5b` (an Inception-v3 "A" block, 192 -> 320 channels): 1x1 96 ||
 /// 1x1 48 -> 5x5 64 || 1x1 64 -> 3x3 96 -> 3x3 96 || avg pool -> 1x1 64.
-#[derive(Module, Debug)]
-pub struct Mixed5b {
-    pub branch0: ConvBnAct,
-    pub branch1: Vec<ConvBnAct>,
-    pub branch2: Vec<ConvBnAct>,
-    pub branch3: Vec<Layer>,
-}
-
-impl Mixed5b {
-    pub fn new(width: f64, device: &Device) -> Self {
-        let c = |n| ch(n, width);
-        Self {
-            branch0: ConvBnAct::new(c(192), c(96), k(1), device),
-            branch1: conv_chain(c(192), &[(c(48), k(1)), (c(64), k(5).same())], device),
-            branch2: conv_chain(c(192), &[(c(64), k(1)), (c(96), k(3).same()), (c(96), k(3).same())], device),
-            branch3: pool_proj(c(192), c(64), device),
-        }
-    }
-    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        Tensor::cat(
-            vec![
-                self.branch0.forward(x.clone()),
-                run_chain(&self.branch1, x.clone()),
-                run_chain(&self.branch2, x.clone()),
-                run_layers(&self.branch3, x),
-            ],
-            1,
-        )
+pub fn mixed_5b(width: f64, device: &Device) -> FourBranch {
+    let c = |n| ch(n, width);
+    FourBranch {
+        branch0: ConvBnAct::new(c(192), c(96), k(1), device),
+        branch1: conv_chain(c(192), &[(c(48), k(1)), (c(64), k(5).same())], device),
+        branch2: conv_chain(c(192), &[(c(64), k(1)), (c(96), k(3).same()), (c(96), k(3).same())], device),
+        branch3: pool_proj(c(192), c(64), device),
     }
 }
 
@@ -306,18 +318,22 @@ pub struct InceptionResnet {
     pub conv2d_1a: ConvBnAct,
     pub conv2d_2a: ConvBnAct,
     pub conv2d_2b: ConvBnAct,
-    pub maxpool_3a: MaxPool2d,
-    pub conv2d_3b: ConvBnAct,
-    pub conv2d_4a: ConvBnAct,
+    pub maxpool_3a: Option<MaxPool2d>,
+    pub conv2d_3b: Option<ConvBnAct>,
+    pub conv2d_4a: Option<ConvBnAct>,
+    /// Fig. 3 stem (paper v2 layout).
+    pub mixed_3a: Option<Mixed3a>,
+    pub mixed_4a: Option<Mixed4a>,
+    pub mixed_5a: Option<Mixed5a>,
     pub conv2d_4b: Option<ConvBnAct>,
     pub maxpool_5a: Option<MaxPool2d>,
-    pub mixed_5b: Option<Mixed5b>,
+    pub mixed_5b: Option<FourBranch>,
     pub repeat: Vec<ResBlock>,
     pub mixed_6a: ReductionA,
     pub repeat_1: Vec<ResBlock>,
     pub mixed_7a: ReductionB,
     pub repeat_2: Vec<ResBlock>,
-    pub block8: ResBlock,
+    pub block8: Option<ResBlock>,
     pub conv2d_7b: Option<ConvBnAct>,
     pub classif: Option<Linear>,
     pub last_linear: Option<Linear>,
@@ -332,6 +348,9 @@ pub struct InceptionResnet {
 impl InceptionResnet {
     pub fn new(cfg: &IrConfig, device: &Device) -> Self {
         let v2 = cfg.layout == IrLayout::SlimV2;
+        let facenet = cfg.layout == IrLayout::FacenetV1;
+        let fig3 = cfg.layout == IrLayout::PaperV2;
+        let paper = matches!(cfg.layout, IrLayout::PaperV1 | IrLayout::PaperV2);
         let (a, b, cc) = (&cfg.block_a, &cfg.block_b, &cfg.block_c);
         let stage = |kind: ResKind, s: &ResBlockSpec, n: usize, scale: f64| -> Vec<ResBlock> {
             (0..n).map(|_| ResBlock::new(kind, s, scale, true, device)).collect()
@@ -342,44 +361,77 @@ impl InceptionResnet {
             conv2d_1a: ConvBnAct::new(3, c(32), k(3).s2(), device),
             conv2d_2a: ConvBnAct::new(c(32), c(32), k(3), device),
             conv2d_2b: ConvBnAct::new(c(32), c(64), k(3).same(), device),
-            maxpool_3a: max_pool_3s2(),
-            conv2d_3b: ConvBnAct::new(c(64), c(80), k(1), device),
-            conv2d_4a: ConvBnAct::new(c(80), c(192), k(3), device),
-            conv2d_4b: (!v2).then(|| ConvBnAct::new(c(192), c(256), k(3).s2(), device)),
+            maxpool_3a: (!fig3).then(max_pool_3s2),
+            conv2d_3b: (!fig3).then(|| ConvBnAct::new(c(64), c(80), k(1), device)),
+            conv2d_4a: (!fig3).then(|| ConvBnAct::new(c(80), c(192), k(3), device)),
+            mixed_3a: fig3.then(|| Mixed3a::new(cfg.width, device)),
+            mixed_4a: fig3.then(|| Mixed4a::new(cfg.width, device)),
+            mixed_5a: fig3.then(|| Mixed5a::new(cfg.width, device)),
+            conv2d_4b: (!v2 && !fig3).then(|| ConvBnAct::new(c(192), c(256), k(3).s2(), device)),
             maxpool_5a: v2.then(max_pool_3s2),
-            mixed_5b: v2.then(|| Mixed5b::new(cfg.width, device)),
+            mixed_5b: v2.then(|| mixed_5b(cfg.width, device)),
             repeat: stage(ResKind::A, a, cfg.repeats[0], cfg.scales[0]),
             mixed_6a: ReductionA::new(a.channels, cfg.reduction_a, device),
             repeat_1: stage(ResKind::B, b, cfg.repeats[1], cfg.scales[1]),
             mixed_7a: ReductionB::new(b.channels, &cfg.reduction_b, device),
             repeat_2: stage(ResKind::C, cc, cfg.repeats[2], cfg.scales[2]),
-            block8: ResBlock::new(ResKind::C, cc, cfg.last_scale, false, device),
+            block8: (!paper).then(|| ResBlock::new(ResKind::C, cc, cfg.last_scale, false, device)),
             conv2d_7b: v2.then(|| ConvBnAct::new(cc.channels, c(1536), k(1), device)),
-            classif: if v2 { classifier(c(1536), cfg.num_classes, device) } else { None },
-            last_linear: (!v2).then(|| LinearConfig::new(cc.channels, c(512)).with_bias(false).init(device)),
-            last_bn: (!v2).then(|| BatchNormConfig::new(c(512)).with_epsilon(BN_EPS).init(device)),
-            logits: if v2 { None } else { classifier(c(512), cfg.num_classes, device) },
+            classif: match cfg.layout {
+                IrLayout::SlimV2 => classifier(c(1536), cfg.num_classes, device),
+                IrLayout::FacenetV1 => None,
+                IrLayout::PaperV1 | IrLayout::PaperV2 => classifier(cc.channels, cfg.num_classes, device),
+            },
+            last_linear: facenet.then(|| LinearConfig::new(cc.channels, c(512)).with_bias(false).init(device)),
+            last_bn: facenet.then(|| BatchNormConfig::new(c(512)).with_epsilon(BN_EPS).init(device)),
+            logits: if facenet { classifier(c(512), cfg.num_classes, device) } else { None },
             layout: cfg.layout,
             width: cfg.width,
         }
     }
 
-    pub fn feature_info(layout: IrLayout) -> Vec<FeatureInfo> {
+    /// Stage outputs as timm reports them (the paper layouts by analogy).
+    pub fn feature_info(layout: IrLayout, width: f64) -> Vec<FeatureInfo> {
+        let cfg = match layout {
+            IrLayout::SlimV2 => IrConfig::slim_v2(0),
+            IrLayout::FacenetV1 => IrConfig::facenet_v1(0),
+            IrLayout::PaperV1 => IrConfig::paper_v1(0),
+            IrLayout::PaperV2 => IrConfig::paper_v2(0),
+        }
+        .with_width(width);
+        let (a, b, c) = (cfg.block_a.channels, cfg.block_b.channels, cfg.block_c.channels);
         let f = |m: &str, c, r| FeatureInfo { module: m.to_string(), channels: c, reduction: r };
+        let (c64, c192) = (ch(64, width), ch(192, width));
         match layout {
             IrLayout::SlimV2 => vec![
-                f("conv2d_2b", 64, 2),
-                f("conv2d_4a", 192, 4),
-                f("repeat", 320, 8),
-                f("repeat_1", 1088, 16),
-                f("conv2d_7b", 1536, 32),
+                f("conv2d_2b", c64, 2),
+                f("conv2d_4a", c192, 4),
+                f("repeat", a, 8),
+                f("repeat_1", b, 16),
+                f("conv2d_7b", ch(1536, width), 32),
             ],
             IrLayout::FacenetV1 => vec![
-                f("conv2d_2b", 64, 2),
-                f("conv2d_4a", 192, 4),
-                f("repeat_1", 256, 8),
-                f("repeat_2", 896, 16),
-                f("block8", 1792, 32),
+                f("conv2d_2b", c64, 2),
+                f("conv2d_4a", c192, 4),
+                f("repeat_1", a, 8),
+                f("repeat_2", b, 16),
+                f("block8", c, 32),
+            ],
+            IrLayout::PaperV1 => {
+                vec![
+                    f("conv2d_2b", c64, 2),
+                    f("conv2d_4a", c192, 4),
+                    f("repeat", a, 8),
+                    f("repeat_1", b, 16),
+                    f("repeat_2", c, 32),
+                ]
+            }
+            IrLayout::PaperV2 => vec![
+                f("conv2d_2b", c64, 2),
+                f("mixed_4a", 2 * ch(96, width), 4),
+                f("repeat", a, 8),
+                f("repeat_1", b, 16),
+                f("repeat_2", c, 32),
             ],
         }
     }
@@ -389,7 +441,7 @@ impl InceptionResnet {
         match (&self.conv2d_7b, &self.last_linear) {
             (Some(c), _) => c.out_channels(),
             (None, Some(l)) => l.weight.dims()[1],
-            (None, None) => self.block8.conv2d.weight.dims()[0],
+            (None, None) => self.repeat_2.last().map_or(0, |b| b.conv2d.weight.dims()[0]),
         }
     }
 
@@ -399,10 +451,17 @@ impl InceptionResnet {
         let x = self.conv2d_2a.forward(x);
         let x = self.conv2d_2b.forward(x);
         tap(0, &x);
-        let x = self.maxpool_3a.forward(x);
-        let x = self.conv2d_3b.forward(x);
-        let mut x = self.conv2d_4a.forward(x);
+        let mut x = x;
+        if let (Some(p), Some(c3), Some(c4)) = (&self.maxpool_3a, &self.conv2d_3b, &self.conv2d_4a) {
+            x = c4.forward(c3.forward(p.forward(x)));
+        }
+        if let (Some(m3), Some(m4)) = (&self.mixed_3a, &self.mixed_4a) {
+            x = m4.forward(m3.forward(x));
+        }
         tap(1, &x);
+        if let Some(m) = &self.mixed_5a {
+            x = m.forward(x);
+        }
         if let Some(c) = &self.conv2d_4b {
             x = c.forward(x);
         }
@@ -416,7 +475,10 @@ impl InceptionResnet {
         tap(3, &x);
         let x = self.mixed_7a.forward(x);
         let x = self.repeat_2.iter().fold(x, |x, b| b.forward(x));
-        let mut x = self.block8.forward(x);
+        let mut x = x;
+        if let Some(b) = &self.block8 {
+            x = b.forward(x);
+        }
         if let Some(c) = &self.conv2d_7b {
             x = c.forward(x);
         }
@@ -434,15 +496,15 @@ impl InceptionResnet {
 
     pub fn classifier_ref(&self) -> &Option<Linear> {
         match self.layout {
-            IrLayout::SlimV2 => &self.classif,
             IrLayout::FacenetV1 => &self.logits,
+            _ => &self.classif,
         }
     }
 
     pub fn set_classifier(&mut self, head: Option<Linear>) {
         match self.layout {
-            IrLayout::SlimV2 => self.classif = head,
             IrLayout::FacenetV1 => self.logits = head,
+            _ => self.classif = head,
         }
     }
 }

@@ -7,7 +7,9 @@ use burn::module::Module;
 use burn::nn::pool::MaxPool2d;
 use burn::tensor::{Device, Tensor};
 
-use crate::layers::{ConvBnAct, Layer, conv_chain, k, k1xn, knx1, max_pool_3s2, pool_proj, run_chain, run_layers};
+use crate::layers::{
+    ConvBnAct, FourBranch, Layer, ch, conv_chain, k, k1xn, knx1, max_pool_3s2, pool_proj, run_chain, run_layers,
+};
 use crate::models::{FeatureInfo, classifier};
 use burn::nn::Linear;
 
@@ -19,8 +21,9 @@ pub struct Mixed3a {
 }
 
 impl Mixed3a {
-    pub fn new(device: &Device) -> Self {
-        Self { maxpool: max_pool_3s2(), conv: ConvBnAct::new(64, 96, k(3).s2(), device) }
+    pub fn new(width: f64, device: &Device) -> Self {
+        let c = |n| ch(n, width);
+        Self { maxpool: max_pool_3s2(), conv: ConvBnAct::new(c(64), c(96), k(3).s2(), device) }
     }
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         Tensor::cat(vec![self.maxpool.forward(x.clone()), self.conv.forward(x)], 1)
@@ -35,10 +38,12 @@ pub struct Mixed4a {
 }
 
 impl Mixed4a {
-    pub fn new(device: &Device) -> Self {
+    pub fn new(width: f64, device: &Device) -> Self {
+        let c = |n| ch(n, width);
+        let cin = c(64) + c(96); // Mixed3a: pool of 64 || conv 96 = 160
         Self {
-            branch0: conv_chain(160, &[(64, k(1)), (96, k(3))], device),
-            branch1: conv_chain(160, &[(64, k(1)), (64, k1xn(7)), (64, knx1(7)), (96, k(3))], device),
+            branch0: conv_chain(cin, &[(c(64), k(1)), (c(96), k(3))], device),
+            branch1: conv_chain(cin, &[(c(64), k(1)), (c(64), k1xn(7)), (c(64), knx1(7)), (c(96), k(3))], device),
         }
     }
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
@@ -54,8 +59,10 @@ pub struct Mixed5a {
 }
 
 impl Mixed5a {
-    pub fn new(device: &Device) -> Self {
-        Self { conv: ConvBnAct::new(192, 192, k(3).s2(), device), maxpool: max_pool_3s2() }
+    pub fn new(width: f64, device: &Device) -> Self {
+        let c = |n| ch(n, width);
+        let cin = c(96) + c(96); // Mixed4a: 96 || 96 = 192
+        Self { conv: ConvBnAct::new(cin, c(192), k(3).s2(), device), maxpool: max_pool_3s2() }
     }
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         Tensor::cat(vec![self.conv.forward(x.clone()), self.maxpool.forward(x)], 1)
@@ -64,33 +71,12 @@ impl Mixed5a {
 
 /// Fig. 4, Inception-A on 35x35x384: 1x1 96 || 1x1 64 -> 3x3 96 || 1x1 64 -> 3x3 96 -> 3x3 96 ||
 /// avg pool -> 1x1 96.
-#[derive(Module, Debug)]
-pub struct InceptionA {
-    pub branch0: ConvBnAct,
-    pub branch1: Vec<ConvBnAct>,
-    pub branch2: Vec<ConvBnAct>,
-    pub branch3: Vec<Layer>,
-}
-
-impl InceptionA {
-    pub fn new(device: &Device) -> Self {
-        Self {
-            branch0: ConvBnAct::new(384, 96, k(1), device),
-            branch1: conv_chain(384, &[(64, k(1)), (96, k(3).same())], device),
-            branch2: conv_chain(384, &[(64, k(1)), (96, k(3).same()), (96, k(3).same())], device),
-            branch3: pool_proj(384, 96, device),
-        }
-    }
-    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        Tensor::cat(
-            vec![
-                self.branch0.forward(x.clone()),
-                run_chain(&self.branch1, x.clone()),
-                run_chain(&self.branch2, x.clone()),
-                run_layers(&self.branch3, x),
-            ],
-            1,
-        )
+pub fn inception_a(device: &Device) -> FourBranch {
+    FourBranch {
+        branch0: ConvBnAct::new(384, 96, k(1), device),
+        branch1: conv_chain(384, &[(64, k(1)), (96, k(3).same())], device),
+        branch2: conv_chain(384, &[(64, k(1)), (96, k(3).same()), (96, k(3).same())], device),
+        branch3: pool_proj(384, 96, device),
     }
 }
 
@@ -121,37 +107,16 @@ impl ReductionA {
 
 /// Fig. 5, Inception-B on 17x17x1024: 1x1 384 || 1x1 192 -> 1x7 224 -> 7x1 256 ||
 /// 1x1 192 -> 7x1 192 -> 1x7 224 -> 7x1 224 -> 1x7 256 || avg pool -> 1x1 128.
-#[derive(Module, Debug)]
-pub struct InceptionB {
-    pub branch0: ConvBnAct,
-    pub branch1: Vec<ConvBnAct>,
-    pub branch2: Vec<ConvBnAct>,
-    pub branch3: Vec<Layer>,
-}
-
-impl InceptionB {
-    pub fn new(device: &Device) -> Self {
-        Self {
-            branch0: ConvBnAct::new(1024, 384, k(1), device),
-            branch1: conv_chain(1024, &[(192, k(1)), (224, k1xn(7)), (256, knx1(7))], device),
-            branch2: conv_chain(
-                1024,
-                &[(192, k(1)), (192, knx1(7)), (224, k1xn(7)), (224, knx1(7)), (256, k1xn(7))],
-                device,
-            ),
-            branch3: pool_proj(1024, 128, device),
-        }
-    }
-    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        Tensor::cat(
-            vec![
-                self.branch0.forward(x.clone()),
-                run_chain(&self.branch1, x.clone()),
-                run_chain(&self.branch2, x.clone()),
-                run_layers(&self.branch3, x),
-            ],
-            1,
-        )
+pub fn inception_b(device: &Device) -> FourBranch {
+    FourBranch {
+        branch0: ConvBnAct::new(1024, 384, k(1), device),
+        branch1: conv_chain(1024, &[(192, k(1)), (224, k1xn(7)), (256, knx1(7))], device),
+        branch2: conv_chain(
+            1024,
+            &[(192, k(1)), (192, knx1(7)), (224, k1xn(7)), (224, knx1(7)), (256, k1xn(7))],
+            device,
+        ),
+        branch3: pool_proj(1024, 128, device),
     }
 }
 
@@ -238,9 +203,9 @@ pub enum V4Block {
     Mixed3a(Mixed3a),
     Mixed4a(Mixed4a),
     Mixed5a(Mixed5a),
-    InceptionA(InceptionA),
+    InceptionA(FourBranch),
     ReductionA(ReductionA),
-    InceptionB(InceptionB),
+    InceptionB(FourBranch),
     ReductionB(ReductionB),
     InceptionC(InceptionC),
 }
@@ -278,13 +243,13 @@ impl InceptionV4 {
             V4Block::Conv(ConvBnAct::new(3, 32, k(3).s2(), device)),
             V4Block::Conv(ConvBnAct::new(32, 32, k(3), device)),
             V4Block::Conv(ConvBnAct::new(32, 64, k(3).same(), device)),
-            V4Block::Mixed3a(Mixed3a::new(device)),
-            V4Block::Mixed4a(Mixed4a::new(device)),
-            V4Block::Mixed5a(Mixed5a::new(device)),
+            V4Block::Mixed3a(Mixed3a::new(1.0, device)),
+            V4Block::Mixed4a(Mixed4a::new(1.0, device)),
+            V4Block::Mixed5a(Mixed5a::new(1.0, device)),
         ];
-        f.extend((0..4).map(|_| V4Block::InceptionA(InceptionA::new(device))));
+        f.extend((0..4).map(|_| V4Block::InceptionA(inception_a(device))));
         f.push(V4Block::ReductionA(ReductionA::new(384, [192, 224, 256, 384], device)));
-        f.extend((0..7).map(|_| V4Block::InceptionB(InceptionB::new(device))));
+        f.extend((0..7).map(|_| V4Block::InceptionB(inception_b(device))));
         f.push(V4Block::ReductionB(ReductionB::new(device)));
         f.extend((0..3).map(|_| V4Block::InceptionC(InceptionC::new(device))));
         Self { features: f, last_linear: classifier(1536, num_classes, device) }

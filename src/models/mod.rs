@@ -25,17 +25,28 @@ pub enum ModelKind {
     InceptionV4,
     InceptionResnetV2,
     InceptionResnetV1,
+    /// The paper's own figures (Figs. 3, 16-19) rather than the TF-slim layout.
+    InceptionResnetV2Paper,
+    /// The paper's own figures (Figs. 10-15) rather than facenet's.
+    InceptionResnetV1Paper,
 }
 
 impl ModelKind {
-    pub const ALL: [ModelKind; 3] =
-        [ModelKind::InceptionV4, ModelKind::InceptionResnetV2, ModelKind::InceptionResnetV1];
+    pub const ALL: [ModelKind; 5] = [
+        ModelKind::InceptionV4,
+        ModelKind::InceptionResnetV2,
+        ModelKind::InceptionResnetV1,
+        ModelKind::InceptionResnetV2Paper,
+        ModelKind::InceptionResnetV1Paper,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             ModelKind::InceptionV4 => "inception_v4",
             ModelKind::InceptionResnetV2 => "inception_resnet_v2",
             ModelKind::InceptionResnetV1 => "inception_resnet_v1",
+            ModelKind::InceptionResnetV2Paper => "inception_resnet_v2_paper",
+            ModelKind::InceptionResnetV1Paper => "inception_resnet_v1_paper",
         }
     }
 
@@ -54,6 +65,22 @@ impl ModelKind {
                 std: [128.0 / 255.0; 3],
                 num_classes: 0,
             },
+            // no published weights: ImageNet-style preprocessing for training from scratch
+            ModelKind::InceptionResnetV2Paper | ModelKind::InceptionResnetV1Paper => {
+                PretrainedCfg { hub_id: None, ..PretrainedCfg::imagenet("", 0.875) }
+            }
+        }
+    }
+
+    /// The Inception-ResNet layout of this kind (`None` for Inception-v4).
+    pub fn ir_layout(self) -> Option<inception_resnet::IrLayout> {
+        use inception_resnet::IrLayout;
+        match self {
+            ModelKind::InceptionV4 => None,
+            ModelKind::InceptionResnetV2 => Some(IrLayout::SlimV2),
+            ModelKind::InceptionResnetV1 => Some(IrLayout::FacenetV1),
+            ModelKind::InceptionResnetV2Paper => Some(IrLayout::PaperV2),
+            ModelKind::InceptionResnetV1Paper => Some(IrLayout::PaperV1),
         }
     }
 }
@@ -161,11 +188,15 @@ impl Model {
     pub fn new(cfg: &ModelConfig, device: &Device) -> Self {
         match cfg.model {
             ModelKind::InceptionV4 => Model::V4(InceptionV4::new(cfg.num_classes, device)),
-            ModelKind::InceptionResnetV2 => {
-                Model::Ir(InceptionResnet::new(&IrConfig::slim_v2(cfg.num_classes).with_width(cfg.width), device))
-            }
-            ModelKind::InceptionResnetV1 => {
-                Model::Ir(InceptionResnet::new(&IrConfig::facenet_v1(cfg.num_classes).with_width(cfg.width), device))
+            kind => {
+                let n = cfg.num_classes;
+                let ir = match kind {
+                    ModelKind::InceptionResnetV1 => IrConfig::facenet_v1(n),
+                    ModelKind::InceptionResnetV2Paper => IrConfig::paper_v2(n),
+                    ModelKind::InceptionResnetV1Paper => IrConfig::paper_v1(n),
+                    _ => IrConfig::slim_v2(n),
+                };
+                Model::Ir(InceptionResnet::new(&ir.with_width(cfg.width), device))
             }
         }
     }
@@ -176,6 +207,8 @@ impl Model {
             Model::Ir(m) => match m.layout {
                 inception_resnet::IrLayout::SlimV2 => ModelKind::InceptionResnetV2,
                 inception_resnet::IrLayout::FacenetV1 => ModelKind::InceptionResnetV1,
+                inception_resnet::IrLayout::PaperV2 => ModelKind::InceptionResnetV2Paper,
+                inception_resnet::IrLayout::PaperV1 => ModelKind::InceptionResnetV1Paper,
             },
         }
     }
@@ -221,7 +254,7 @@ impl Model {
     pub fn feature_info(&self) -> Vec<FeatureInfo> {
         match self {
             Model::V4(_) => InceptionV4::feature_info(),
-            Model::Ir(m) => InceptionResnet::feature_info(m.layout),
+            Model::Ir(m) => InceptionResnet::feature_info(m.layout, m.width),
         }
     }
 
@@ -311,6 +344,14 @@ pub fn stage_of_key(kind: ModelKind, key: &str) -> Option<usize> {
             "conv2d_4b" | "repeat_1" => Some(2),
             "mixed_6a" | "repeat_2" => Some(3),
             "mixed_7a" | "repeat_3" | "block8" => Some(4),
+            _ => None,
+        },
+        ModelKind::InceptionResnetV2Paper | ModelKind::InceptionResnetV1Paper => match first {
+            "conv2d_1a" | "conv2d_2a" | "conv2d_2b" => Some(0),
+            "conv2d_3b" | "conv2d_4a" | "mixed_3a" | "mixed_4a" => Some(1),
+            "conv2d_4b" | "mixed_5a" | "repeat" => Some(2),
+            "mixed_6a" | "repeat_1" => Some(3),
+            "mixed_7a" | "repeat_2" => Some(4),
             _ => None,
         },
     }
