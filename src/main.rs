@@ -134,6 +134,9 @@ enum Cmd {
         eval_limit: Option<usize>,
         #[arg(long)]
         checkpoint_every: Option<usize>,
+        /// Data-parallel replicas of --device (GPU 0..N-1; on the CPU, N shards of each batch).
+        #[arg(long)]
+        devices: Option<usize>,
         /// Continue from --out/checkpoint.safetensors.
         #[arg(long)]
         resume: bool,
@@ -475,24 +478,29 @@ fn run(cli: Cli) -> Result<bool> {
             max_steps,
             eval_limit,
             checkpoint_every,
+            devices,
             resume,
         } => {
-            let mut cfg = match &config {
-                Some(p) => serde_json::from_slice::<TrainConfig>(
-                    &std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
-                )
-                .with_context(|| format!("{}: not a train config", p.display()))?,
-                None => {
-                    let data = data.clone().context("--data is required (or --config)")?;
-                    let mut c = TrainConfig::new(model.parse()?, &data);
-                    if data.contains("fashion") {
-                        // small grayscale images: the smallest input the nets take, no crop
-                        c.size = 75;
-                        c.crop_pct = 1.0;
-                        c.min_area = 0.5;
+            let saved = if resume { train::saved_config(&out)? } else { None };
+            let mut cfg = match (&config, saved) {
+                (None, Some(saved)) => saved,
+                (config, _) => match config {
+                    Some(p) => serde_json::from_slice::<TrainConfig>(
+                        &std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+                    )
+                    .with_context(|| format!("{}: not a train config", p.display()))?,
+                    None => {
+                        let data = data.clone().context("--data is required (or --config)")?;
+                        let mut c = TrainConfig::new(model.parse()?, &data);
+                        if data.contains("fashion") {
+                            // small grayscale images: the smallest input the nets take, no crop
+                            c.size = 75;
+                            c.crop_pct = 1.0;
+                            c.min_area = 0.5;
+                        }
+                        c
                     }
-                    c
-                }
+                },
             };
             if let Some(d) = data {
                 cfg.data = d;
@@ -501,7 +509,7 @@ fn run(cli: Cli) -> Result<bool> {
                 ($($f:ident => $dst:expr),*) => {$(if let Some(v) = $f { $dst = v; })*};
             }
             set!(epochs => cfg.epochs, batch => cfg.batch, size => cfg.size, width => cfg.model.width, lr => cfg.lr,
-                 freeze => cfg.freeze, seed => cfg.seed);
+                 freeze => cfg.freeze, seed => cfg.seed, devices => cfg.devices);
             if weights.is_some() {
                 cfg.weights = weights;
             }

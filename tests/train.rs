@@ -153,3 +153,52 @@ fn missing_dataset_folder_is_an_error() {
     let e = Dataset::open("/no/such/folder", true).err().expect("error").to_string();
     assert!(e.contains("/no/such/folder"), "{e}");
 }
+
+#[test]
+fn fine_tuning_replaces_the_classifier_and_keeps_frozen_stages() {
+    use inception::models::{Model, ModelConfig};
+    use inception::weights;
+    let data = tiny_folder();
+    let root = data.parent().unwrap();
+    // "published" weights: a 5-class model of the same width
+    let base =
+        Model::new(&ModelConfig { model: ModelKind::InceptionResnetV1, num_classes: 5, width: 0.1 }, &Device::flex());
+    let base_path = root.join("base.safetensors");
+    weights::save_model(&base, &base_path).unwrap();
+    let mut c = tiny_config(&data);
+    c.weights = Some(base_path);
+    c.freeze = 2; // stem stages
+    let run = root.join("run_ft");
+    train(c, &run, false, &Device::flex(), &mut |_, _, _| true).unwrap();
+    let tuned = weights::export_tensors(
+        &weights::load(
+            Model::new(
+                &ModelConfig { model: ModelKind::InceptionResnetV1, num_classes: 2, width: 0.1 },
+                &Device::flex(),
+            ),
+            &run.join("model.safetensors"),
+            &Default::default(),
+        )
+        .unwrap(),
+    );
+    let before = weights::export_tensors(&base);
+    let close = |k: &str| before[k].1.iter().zip(&tuned[k].1).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) <= 1e-6;
+    assert!(close("conv2d_1a.conv.weight"), "a frozen stem weight changed");
+    assert!(!close("repeat_3.0.conv2d.weight"), "a trained weight did not change");
+    assert_eq!(tuned["logits.weight"].0, vec![2, 51]);
+}
+
+#[test]
+fn data_parallel_path_trains() {
+    let data = tiny_folder();
+    let mut c = tiny_config(&data);
+    c.devices = 2; // two shards per batch, gradients summed on the first replica
+    let mut losses = Vec::new();
+    let s = train(c, &data.parent().unwrap().join("run_dp"), false, &Device::flex(), &mut |_, _, l| {
+        losses.push(l);
+        true
+    })
+    .unwrap();
+    assert_eq!(s.epochs, 1);
+    assert!(losses.iter().all(|l| l.is_finite()) && !losses.is_empty());
+}

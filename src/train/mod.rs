@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
@@ -51,6 +52,14 @@ pub struct TrainConfig {
     /// Fine-tuning: initial weights (reference key names) and the first `freeze` stages kept fixed.
     pub weights: Option<PathBuf>,
     pub freeze: usize,
+    /// Data-parallel replicas: each step splits the batch over this many devices of the chosen
+    /// kind, sums their gradients on the first and updates once.
+    #[serde(default = "one_device")]
+    pub devices: usize,
+}
+
+fn one_device() -> usize {
+    1
 }
 
 impl TrainConfig {
@@ -74,6 +83,7 @@ impl TrainConfig {
             checkpoint_every: None,
             weights: None,
             freeze: 0,
+            devices: 1,
         }
     }
 
@@ -169,6 +179,19 @@ mod erased {
             serde_json::to_string(self).unwrap_or_default()
         }
     }
+}
+
+/// The config a run in `dir` was started with (from its checkpoint), if there is one.
+pub fn saved_config(dir: &Path) -> Result<Option<TrainConfig>> {
+    let path = dir.join(CHECKPOINT);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let bytes = weights::read_file(&path)?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| Error::Safetensors { path: path.clone(), reason: e.to_string() })?;
+    let cfg = meta.metadata().as_ref().and_then(|m| m.get("train_config").cloned());
+    cfg.map(|c| serde_json::from_str(&c).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))).transpose()
 }
 
 /// Restore a checkpoint: model on `device`, optimizer state, progress.
@@ -382,6 +405,10 @@ pub fn train(
     }
     let js = serde_json::to_vec_pretty(&cfg).map_err(|e| Error::Invalid(e.to_string()))?;
     weights::write_atomic(&dir.join("config.json"), &js)?;
+    // data-parallel replicas: the main device plus `devices - 1` more of the same kind
+    let replicas: Vec<Device> = (0..cfg.devices.max(1))
+        .map(|i| if i == 0 { ad.clone() } else { replica_device(device, i).autodiff() })
+        .collect();
     let loss_fn = CrossEntropyLossConfig::new().with_smoothing(Some(cfg.label_smoothing as f32)).init(&ad);
     let frozen = frozen_fn(cfg.model.model, cfg.freeze);
     let classes = train_ds.classes.len();
@@ -398,32 +425,45 @@ pub fn train(
             let idx = &order[s * cfg.batch..((s + 1) * cfg.batch).min(order.len())];
             let aug = Transform::Train { size: cfg.size, min_area: cfg.min_area };
             let batch_seed = cfg.seed ^ (epoch as u64).wrapping_mul(0x9E3779B97F4A7C15);
-            let Some(b) = load_batch(&train_ds, idx, aug, batch_seed, &ad) else {
-                progress.skipped += idx.len();
-                continue;
-            };
-            for (p, why) in &b.skipped {
-                eprintln!("skipped {p}: {why}");
+            let shard_len = idx.len().div_ceil(replicas.len()).max(1);
+            let (mut grads, mut lv, mut scores, mut labels) = (Vec::new(), 0f64, Vec::new(), Vec::new());
+            for (shard, dev) in idx.chunks(shard_len).zip(&replicas) {
+                let Some(b) = load_batch(&train_ds, shard, aug, batch_seed, dev) else {
+                    progress.skipped += shard.len();
+                    continue;
+                };
+                for (p, why) in &b.skipped {
+                    eprintln!("skipped {p}: {why}");
+                }
+                progress.skipped += b.skipped.len();
+                let share = b.label_vec.len() as f64 / idx.len() as f64;
+                let replica = if dev == &ad { None } else { Some(model.clone().fork(dev)) };
+                let m = replica.as_ref().unwrap_or(&model);
+                let logits = m.forward(b.images);
+                let loss = loss_fn.forward(logits.clone(), b.labels.to_device(dev)).mul_scalar(share);
+                lv += loss.clone().into_scalar::<f32>() as f64;
+                scores.extend(logits.inner().into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default());
+                labels.extend(b.label_vec);
+                grads.push(GradientsParams::from_grads(loss.backward(), m).to_device(&ad, &model));
             }
-            progress.skipped += b.skipped.len();
-            let logits = model.forward(b.images);
-            let loss = loss_fn.forward(logits.clone(), b.labels);
-            let lv = loss.clone().into_scalar::<f32>() as f64;
+            if labels.is_empty() {
+                continue;
+            }
+            let lv = lv * idx.len() as f64 / labels.len() as f64;
             if !lv.is_finite() {
                 return Err(Error::Invalid(format!(
                     "loss is {lv} at epoch {epoch} step {s}: stopped; the last good checkpoint is {}",
                     dir.join(CHECKPOINT).display()
                 )));
             }
-            let scores = logits.clone().inner().into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default();
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let grads = optim::merge_grads(&model, grads);
             let (m, _norm) = optim::step(model, grads, &mut state, &cfg.optim, lr, &frozen);
             model = m;
             optim::update_ema(&model, &mut state, &cfg.optim);
-            let (c1, _) = hits(&scores, classes, &b.label_vec);
-            progress.loss_sum += lv * b.label_vec.len() as f64;
+            let (c1, _) = hits(&scores, classes, &labels);
+            progress.loss_sum += lv * labels.len() as f64;
             progress.correct += c1;
-            progress.seen += b.label_vec.len() as u64;
+            progress.seen += labels.len() as u64;
             progress.step_in_epoch = s + 1;
             progress.global_step += 1;
             if cfg.checkpoint_every.is_some_and(|n| n > 0 && progress.global_step % n as u64 == 0) {
@@ -511,6 +551,16 @@ pub fn seeded_model(cfg: &ModelConfig, seed: u64, device: &Device) -> Model {
         }
     };
     weights::fill_model(Model::new(cfg, device), &mut src)
+}
+
+/// Replica `i` of the device kind of `device` (GPU index `i`; on the CPU another handle to it).
+fn replica_device(device: &Device, i: usize) -> Device {
+    #[cfg(feature = "vulkan")]
+    if *device != Device::flex() {
+        return Device::vulkan(burn::tensor::DeviceKind::DiscreteGpu(i));
+    }
+    let _ = i;
+    device.clone()
 }
 
 /// The executor for evaluation on `device`: the fast engine on the CPU.

@@ -78,6 +78,42 @@ impl ModuleVisitor for NormVisitor<'_> {
     }
 }
 
+struct MergeVisitor<'a> {
+    main: &'a mut GradientsParams,
+    others: &'a mut [GradientsParams],
+}
+
+impl ModuleVisitor for MergeVisitor<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let mut acc = self.main.remove::<D>(param.id);
+        for g in self.others.iter_mut() {
+            if let Some(x) = g.remove::<D>(param.id) {
+                acc = Some(match acc {
+                    Some(a) => {
+                        let dev = a.device();
+                        a + x.to_device(&dev)
+                    }
+                    None => x,
+                });
+            }
+        }
+        if let Some(a) = acc {
+            self.main.register(param.id, a);
+        }
+    }
+}
+
+/// Sum the gradients of data-parallel replicas (already scaled by their shard's share of the
+/// batch) into the first, on its device.
+pub fn merge_grads(model: &Model, mut grads: Vec<GradientsParams>) -> GradientsParams {
+    if grads.len() <= 1 {
+        return grads.pop().unwrap_or_default();
+    }
+    let mut main = grads.remove(0);
+    model.visit(&mut MergeVisitor { main: &mut main, others: &mut grads });
+    main
+}
+
 /// The global L2 norm of all gradients.
 pub fn global_norm(model: &Model, grads: &GradientsParams) -> f64 {
     let mut v = NormVisitor { grads, sum: None };
