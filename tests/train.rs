@@ -202,3 +202,15 @@ fn data_parallel_path_trains() {
     assert_eq!(s.epochs, 1);
     assert!(losses.iter().all(|l| l.is_finite()) && !losses.is_empty());
 }
+
+#[test]
+fn a_diverging_run_stops_with_a_clear_error() {
+    let data = tiny_folder();
+    let mut c = tiny_config(&data);
+    c.lr = 1e30;
+    c.optim.clip_norm = None;
+    c.epochs = 3;
+    let run = data.parent().unwrap().join("run_nan");
+    let err = train(c, &run, false, &Device::flex(), &mut |_, _, _| true).err().expect("diverges");
+    assert!(err.to_string().contains("loss is"), "{err}");
+}

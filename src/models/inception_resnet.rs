@@ -13,7 +13,7 @@
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::pool::MaxPool2d;
-use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig};
+use burn::nn::{BatchNorm, BatchNormConfig, Dropout, DropoutConfig, Linear, LinearConfig};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -339,6 +339,8 @@ pub struct InceptionResnet {
     pub last_linear: Option<Linear>,
     pub last_bn: Option<BatchNorm>,
     pub logits: Option<Linear>,
+    /// Paper layouts: dropout (keep 0.8) before the classifier, training only (Figs. 9, 15).
+    pub dropout: Option<Dropout>,
     #[module(skip)]
     pub layout: IrLayout,
     #[module(skip)]
@@ -385,6 +387,7 @@ impl InceptionResnet {
             last_linear: facenet.then(|| LinearConfig::new(cc.channels, c(512)).with_bias(false).init(device)),
             last_bn: facenet.then(|| BatchNormConfig::new(c(512)).with_epsilon(BN_EPS).init(device)),
             logits: if facenet { classifier(c(512), cfg.num_classes, device) } else { None },
+            dropout: paper.then(|| DropoutConfig::new(0.2).init()),
             layout: cfg.layout,
             width: cfg.width,
         }
@@ -491,6 +494,14 @@ impl InceptionResnet {
         match (&self.last_linear, &self.last_bn) {
             (Some(l), Some(bn)) => bn.forward(linear_counted(l, pooled)),
             _ => pooled,
+        }
+    }
+
+    /// Dropout before the classifier (identity outside training and for the published layouts).
+    pub fn head_dropout(&self, x: Tensor<2>) -> Tensor<2> {
+        match &self.dropout {
+            Some(d) => d.forward(x),
+            None => x,
         }
     }
 

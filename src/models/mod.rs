@@ -285,8 +285,9 @@ impl Model {
             Model::V4(_) => pooled,
             Model::Ir(m) => m.pre_logits(pooled),
         };
-        match (pre_logits, self.head()) {
-            (false, Some(l)) => linear_counted(l, pre),
+        match (pre_logits, self.head(), self) {
+            (false, Some(l), Model::Ir(m)) => linear_counted(l, m.head_dropout(pre)),
+            (false, Some(l), _) => linear_counted(l, pre),
             _ => pre,
         }
     }
