@@ -211,6 +211,6 @@ fn a_diverging_run_stops_with_a_clear_error() {
     c.optim.clip_norm = None;
     c.epochs = 3;
     let run = data.parent().unwrap().join("run_nan");
-    let err = train(c, &run, false, &Device::flex(), &mut |_, _, _| true).err().expect("diverges");
+    let err = train(c, &run, false, &Device::flex(), &mut |_, _, _| true).expect_err("diverges");
     assert!(err.to_string().contains("loss is"), "{err}");
 }
