@@ -372,7 +372,8 @@ impl Branch {
 #[derive(Clone, Debug)]
 struct Block {
     branches: Vec<Branch>,
-    residual: Option<(Conv, f32, bool)>,
+    /// Up-projection, scale, ReLU, and whether there is a shortcut (`false`: plain block).
+    residual: Option<(Conv, f32, bool, bool)>,
 }
 
 impl Block {
@@ -392,7 +393,12 @@ impl Block {
         }
         match &self.residual {
             None => out,
-            Some((up, scale, relu)) => {
+            Some((up, _, relu, false)) => {
+                let mut y = Act::zeros(out.n, out.h, out.w, up.cout);
+                up.run_into(&out, &mut y.data, up.cout, 0, Epilogue::Store { relu: *relu });
+                y
+            }
+            Some((up, scale, relu, true)) => {
                 let mut x = x;
                 let c = x.c;
                 up.run_into(&out, &mut x.data, c, 0, Epilogue::Residual { scale: *scale, relu: *relu });
@@ -510,7 +516,7 @@ fn res_block(r: ResBlock) -> Block {
     if !r.branch2.is_empty() {
         branches.push(Branch::convs(r.branch2));
     }
-    Block { branches, residual: Some((Conv::new(r.conv2d, None, false), r.scale as f32, r.act)) }
+    Block { branches, residual: Some((Conv::new(r.conv2d, None, false), r.scale as f32, r.act, r.shortcut)) }
 }
 
 impl Engine {

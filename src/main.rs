@@ -166,6 +166,18 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Reproduce the paper's training claims at small scale: `residual-speedup` or
+    /// `residual-scaling`; report, curves and CSV go to --out.
+    Reproduce {
+        experiment: String,
+        #[arg(long, default_value = "fashion-mnist")]
+        data: String,
+        /// quick (<= 15 min on 2 CPU cores), full (GPU), or test (2 steps)
+        #[arg(long, default_value = "quick")]
+        budget: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Per stage output shape, parameters and MACs.
     Summary {
         #[arg(long, default_value = "inception_resnet_v2")]
@@ -586,6 +598,18 @@ fn run(cli: Cli) -> Result<bool> {
                 );
             }
             Ok(r.skipped == 0)
+        }
+        Cmd::Reproduce { experiment, data, budget, out } => {
+            use inception::train::reproduce::{self, Budget, Experiment};
+            let exp: Experiment =
+                serde_json::from_value(serde_json::Value::String(experiment.clone())).map_err(|_| {
+                    anyhow::anyhow!("unknown experiment '{experiment}' (residual-speedup, residual-scaling)")
+                })?;
+            let budget: Budget = serde_json::from_value(serde_json::Value::String(budget.clone()))
+                .map_err(|_| anyhow::anyhow!("unknown budget '{budget}' (quick, full, test)"))?;
+            let report = reproduce::run(exp, budget, &data, &out, &dev)?;
+            println!("{}", std::fs::read_to_string(&report)?);
+            Ok(true)
         }
         Cmd::Summary { model, size, json } => {
             let kind: ModelKind = model.parse()?;

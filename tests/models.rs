@@ -179,7 +179,7 @@ fn paper_layouts_follow_the_figures() {
 fn width_multiplier_scales_channels_consistently() {
     for kind in [ModelKind::InceptionResnetV2, ModelKind::InceptionResnetV1, ModelKind::InceptionResnetV2Paper] {
         for width in [0.1, 0.25, 0.5] {
-            let m = Model::new(&ModelConfig { model: kind, num_classes: 3, width }, &Device::flex());
+            let m = Model::new(&ModelConfig { width, ..ModelConfig::new(kind, 3) }, &Device::flex());
             let s = summarize(&m, 75, &Device::flex()).unwrap();
             assert_eq!(s.stages.last().unwrap().output, vec![1, 3], "{kind} at width {width}");
             assert!(m.num_params() < model(kind, 3).num_params() / 2);

@@ -162,7 +162,7 @@ fn fine_tuning_replaces_the_classifier_and_keeps_frozen_stages() {
     let root = data.parent().unwrap();
     // "published" weights: a 5-class model of the same width
     let base =
-        Model::new(&ModelConfig { model: ModelKind::InceptionResnetV1, num_classes: 5, width: 0.1 }, &Device::flex());
+        Model::new(&ModelConfig { width: 0.1, ..ModelConfig::new(ModelKind::InceptionResnetV1, 5) }, &Device::flex());
     let base_path = root.join("base.safetensors");
     weights::save_model(&base, &base_path).unwrap();
     let mut c = tiny_config(&data);
@@ -173,7 +173,7 @@ fn fine_tuning_replaces_the_classifier_and_keeps_frozen_stages() {
     let tuned = weights::export_tensors(
         &weights::load(
             Model::new(
-                &ModelConfig { model: ModelKind::InceptionResnetV1, num_classes: 2, width: 0.1 },
+                &ModelConfig { width: 0.1, ..ModelConfig::new(ModelKind::InceptionResnetV1, 2) },
                 &Device::flex(),
             ),
             &run.join("model.safetensors"),

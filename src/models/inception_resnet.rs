@@ -73,6 +73,10 @@ pub struct IrConfig {
     /// variants for small data and machines are the same code.
     #[serde(default = "one")]
     pub width: f64,
+    /// No shortcut in the residual blocks: the plain Inception counterpart of the same cost
+    /// (`inception reproduce residual-speedup`).
+    #[serde(default)]
+    pub plain: bool,
 }
 
 fn one() -> f64 {
@@ -116,6 +120,7 @@ impl IrConfig {
             last_scale: 1.0,
             num_classes,
             width: 1.0,
+            plain: false,
         }
     }
 
@@ -133,6 +138,7 @@ impl IrConfig {
             last_scale: 1.0,
             num_classes,
             width: 1.0,
+            plain: false,
         }
     }
 
@@ -159,6 +165,7 @@ impl IrConfig {
             last_scale: 1.0,
             num_classes,
             width: 1.0,
+            plain: false,
         }
     }
 
@@ -194,6 +201,9 @@ pub struct ResBlock {
     pub scale: f64,
     #[module(skip)]
     pub act: bool,
+    /// `false`: no shortcut (`y = up(cat)`), the plain counterpart.
+    #[module(skip)]
+    pub shortcut: bool,
 }
 
 /// Inception-ResNet-A (Block35), -B (Block17) or -C (Block8).
@@ -231,6 +241,7 @@ impl ResBlock {
             conv2d: conv_bias(cat, s.channels, device),
             scale,
             act,
+            shortcut: true,
         }
     }
 
@@ -240,7 +251,7 @@ impl ResBlock {
             parts.push(run_chain(&self.branch2, x.clone()));
         }
         let up = conv_counted(&self.conv2d, Tensor::cat(parts, 1));
-        let y = x + up.mul_scalar(self.scale);
+        let y = if self.shortcut { x + up.mul_scalar(self.scale) } else { up };
         if self.act { relu(y) } else { y }
     }
 }
@@ -355,7 +366,7 @@ impl InceptionResnet {
         let paper = matches!(cfg.layout, IrLayout::PaperV1 | IrLayout::PaperV2);
         let (a, b, cc) = (&cfg.block_a, &cfg.block_b, &cfg.block_c);
         let stage = |kind: ResKind, s: &ResBlockSpec, n: usize, scale: f64| -> Vec<ResBlock> {
-            (0..n).map(|_| ResBlock::new(kind, s, scale, true, device)).collect()
+            (0..n).map(|_| ResBlock { shortcut: !cfg.plain, ..ResBlock::new(kind, s, scale, true, device) }).collect()
         };
         let c = |n| ch(n, cfg.width);
         assert_eq!(stem_out(cfg.layout, cfg.width), a.channels, "Block35 width must equal the stem output");

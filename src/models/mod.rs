@@ -153,6 +153,12 @@ pub struct ModelConfig {
     /// Channel multiplier (Inception-ResNet only; 1.0 = the published width).
     #[serde(default = "default_width")]
     pub width: f64,
+    /// Inception-ResNet without shortcuts (same cost), for the residual-speedup experiment.
+    #[serde(default)]
+    pub plain: bool,
+    /// One residual scale for every stage instead of the layout's (paper Sec. 3.3).
+    #[serde(default)]
+    pub residual_scale: Option<f64>,
 }
 
 fn default_width() -> f64 {
@@ -161,7 +167,7 @@ fn default_width() -> f64 {
 
 impl ModelConfig {
     pub fn new(model: ModelKind, num_classes: usize) -> Self {
-        Self { model, num_classes, width: 1.0 }
+        Self { model, num_classes, width: 1.0, plain: false, residual_scale: None }
     }
 }
 
@@ -196,7 +202,12 @@ impl Model {
                     ModelKind::InceptionResnetV1Paper => IrConfig::paper_v1(n),
                     _ => IrConfig::slim_v2(n),
                 };
-                Model::Ir(InceptionResnet::new(&ir.with_width(cfg.width), device))
+                let mut ir = ir.with_width(cfg.width);
+                ir.plain = cfg.plain;
+                if let Some(scale) = cfg.residual_scale {
+                    ir.scales = [scale; 3];
+                }
+                Model::Ir(InceptionResnet::new(&ir, device))
             }
         }
     }
@@ -214,11 +225,22 @@ impl Model {
     }
 
     pub fn config(&self) -> ModelConfig {
-        let width = match self {
-            Model::V4(_) => 1.0,
-            Model::Ir(m) => m.width,
+        let (width, plain, residual_scale) = match self {
+            Model::V4(_) => (1.0, false, None),
+            Model::Ir(m) => {
+                let scales: Vec<f64> = m.repeat.iter().chain(&m.repeat_1).chain(&m.repeat_2).map(|b| b.scale).collect();
+                let uniform = scales.windows(2).all(|w| w[0] == w[1]);
+                let default_scales = [0.17, 0.10, 0.20];
+                let is_default = [&m.repeat, &m.repeat_1, &m.repeat_2]
+                    .iter()
+                    .zip(default_scales)
+                    .all(|(st, d)| st.iter().all(|b| b.scale == d));
+                let plain = m.repeat.first().is_some_and(|b| !b.shortcut);
+                let scale = (!is_default && uniform).then(|| scales.first().copied()).flatten();
+                (m.width, plain, scale)
+            }
         };
-        ModelConfig { model: self.kind(), num_classes: self.num_classes(), width }
+        ModelConfig { model: self.kind(), num_classes: self.num_classes(), width, plain, residual_scale }
     }
 
     fn head(&self) -> &Option<Linear> {

@@ -6,6 +6,7 @@
 pub mod data;
 pub mod optim;
 pub mod plot;
+pub mod reproduce;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -56,6 +57,9 @@ pub struct TrainConfig {
     /// kind, sums their gradients on the first and updates once.
     #[serde(default = "one_device")]
     pub devices: usize,
+    /// Train on a fixed random subset of this many images (quick experiments).
+    #[serde(default)]
+    pub train_limit: Option<usize>,
 }
 
 fn one_device() -> usize {
@@ -84,6 +88,7 @@ impl TrainConfig {
             weights: None,
             freeze: 0,
             devices: 1,
+            train_limit: None,
         }
     }
 
@@ -326,7 +331,9 @@ pub fn evaluate(
     EvalReport { images: done, crops: crops.max(1), top1: t1 as f64 / d, top5: t5 as f64 / d, loss: loss / d, skipped }
 }
 
-fn zero_fraction(model: &Model, ds: &Dataset, cfg: &TrainConfig, device: &Device) -> f64 {
+/// Fraction of exact zeros in the last feature map before global pooling (the tensor that
+/// "dies" in the paper's Sec. 3.3), on the first batch of `ds`.
+pub fn zero_fraction(model: &Model, ds: &Dataset, cfg: &TrainConfig, device: &Device) -> f64 {
     let idx: Vec<usize> = (0..cfg.batch.min(ds.len())).collect();
     let Some(b) = load_batch(ds, &idx, Transform::Eval { size: cfg.size, crop_pct: cfg.crop_pct }, 0, device) else {
         return 0.0;
@@ -412,13 +419,23 @@ pub fn train(
     let loss_fn = CrossEntropyLossConfig::new().with_smoothing(Some(cfg.label_smoothing as f32)).init(&ad);
     let frozen = frozen_fn(cfg.model.model, cfg.freeze);
     let classes = train_ds.classes.len();
-    let per_epoch = train_ds.len().div_ceil(cfg.batch);
+    // the training subset: a fixed draw (independent of the run's seed), or everything
+    let subset: Vec<usize> = match cfg.train_limit {
+        Some(n) if n < train_ds.len() => {
+            let mut s = SplitMix::new(0x5EED).permutation(train_ds.len());
+            s.truncate(n);
+            s
+        }
+        _ => (0..train_ds.len()).collect(),
+    };
+    let per_epoch = subset.len().div_ceil(cfg.batch);
     let steps = cfg.max_steps.map_or(per_epoch, |m| m.min(per_epoch));
     while progress.epoch < cfg.epochs {
         let epoch = progress.epoch;
         let lr = cfg.lr_at(epoch);
         let order =
-            SplitMix::new(cfg.seed ^ (epoch as u64 + 1).wrapping_mul(0xA24BAED4963EE407)).permutation(train_ds.len());
+            SplitMix::new(cfg.seed ^ (epoch as u64 + 1).wrapping_mul(0xA24BAED4963EE407)).permutation(subset.len());
+        let order: Vec<usize> = order.into_iter().map(|i| subset[i]).collect();
         let t0 = Instant::now();
         let start_seen = progress.seen;
         for s in progress.step_in_epoch..steps {

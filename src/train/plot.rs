@@ -53,15 +53,29 @@ fn panel(img: &mut RgbImage, x0: u32, series: &[(Vec<f64>, Rgb<u8>)], lo: f64, h
     }
 }
 
+pub const BLUE: Rgb<u8> = Rgb([31, 119, 180]);
+pub const ORANGE: Rgb<u8> = Rgb([255, 127, 14]);
+pub const GREEN: Rgb<u8> = Rgb([44, 160, 44]);
+
+/// One panel: its series and the y range (`None`: 0 to the largest finite value).
+pub type Panel = (Vec<(Vec<f64>, Rgb<u8>)>, Option<(f64, f64)>);
+
 pub fn curves(path: &Path, h: &[EpochMetrics]) -> Result<()> {
-    let mut img = RgbImage::from_pixel(W, H, Rgb([255, 255, 255]));
-    let (blue, orange, green) = (Rgb([31, 119, 180]), Rgb([255, 127, 14]), Rgb([44, 160, 44]));
     let col = |f: fn(&EpochMetrics) -> f64| h.iter().map(f).collect::<Vec<f64>>();
-    let losses = [(col(|m| m.train_loss), blue), (col(|m| m.eval_loss), orange)];
-    let max_loss = losses.iter().flat_map(|(v, _)| v.iter().copied()).filter(|v| v.is_finite()).fold(0.0, f64::max);
-    panel(&mut img, 0, &losses, 0.0, max_loss.max(1e-6));
-    let acc = [(col(|m| m.train_top1), blue), (col(|m| m.eval_top1), orange), (col(|m| m.eval_top5), green)];
-    panel(&mut img, W / 2, &acc, 0.0, 1.0);
+    let losses = vec![(col(|m| m.train_loss), BLUE), (col(|m| m.eval_loss), ORANGE)];
+    let acc = vec![(col(|m| m.train_top1), BLUE), (col(|m| m.eval_top1), ORANGE), (col(|m| m.eval_top5), GREEN)];
+    two_panels(path, [(losses, None), (acc, Some((0.0, 1.0)))])
+}
+
+/// Two side-by-side line panels as a PNG, written atomically.
+pub fn two_panels(path: &Path, panels: [Panel; 2]) -> Result<()> {
+    let mut img = RgbImage::from_pixel(W, H, Rgb([255, 255, 255]));
+    for (i, (series, range)) in panels.iter().enumerate() {
+        let (lo, hi) = range.unwrap_or_else(|| {
+            (0.0, series.iter().flat_map(|(v, _)| v.iter().copied()).filter(|v| v.is_finite()).fold(1e-6, f64::max))
+        });
+        panel(&mut img, i as u32 * W / 2, series, lo, hi);
+    }
     let mut bytes = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
         .map_err(|e| Error::Invalid(format!("plot: {e}")))?;
