@@ -50,16 +50,16 @@ pub fn plan(exp: Experiment, budget: Budget, data: &str) -> Vec<Arm> {
     base.crop_pct = 1.0;
     base.min_area = 0.5;
     base.batch = 32;
-    let seeds: Vec<u64> = match budget {
-        Budget::Test => vec![1],
-        Budget::Quick => vec![1, 2],
-        Budget::Full => vec![1, 2, 3],
+    let seeds: Vec<u64> = match (exp, budget) {
+        (_, Budget::Test) | (Experiment::ResidualScaling, Budget::Quick) => vec![1],
+        (_, Budget::Quick) => vec![1, 2],
+        (_, Budget::Full) => vec![1, 2, 3],
     };
     let (epochs, steps, limit, eval) = match (exp, budget) {
         (_, Budget::Test) => (1, Some(2), Some(64), Some(16)),
         (Experiment::ResidualSpeedup, Budget::Quick) => (3, None, Some(4800), Some(1000)),
         (Experiment::ResidualSpeedup, Budget::Full) => (30, None, None, None),
-        (Experiment::ResidualScaling, Budget::Quick) => (12, Some(20), None, Some(256)),
+        (Experiment::ResidualScaling, Budget::Quick) => (15, Some(20), None, Some(256)),
         (Experiment::ResidualScaling, Budget::Full) => (200, Some(100), None, Some(1000)),
     };
     base.epochs = epochs;
