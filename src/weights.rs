@@ -48,6 +48,19 @@ pub(crate) fn is_linear_weight(key: &str, rank: usize) -> bool {
     rank == 2 && key.ends_with(".weight")
 }
 
+/// `enter_module` / `exit_module` for a visitor or mapper with a `tracker: PathTracker`.
+macro_rules! track_paths {
+    () => {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.tracker.enter(name, container_type);
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.tracker.exit();
+        }
+    };
+}
+pub(crate) use track_paths;
+
 /// Tracks the checkpoint key of the parameter being visited (see the module docs).
 #[derive(Default)]
 pub(crate) struct PathTracker {
@@ -81,12 +94,7 @@ struct ShapeCollector {
 }
 
 impl ModuleVisitor for ShapeCollector {
-    fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.tracker.enter(name, container_type);
-    }
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.tracker.exit();
-    }
+    track_paths!();
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let key = self.tracker.leaf(self.kind);
         let mut shape = param.lazy_shape().to_vec();
@@ -218,12 +226,7 @@ struct Applier<'a> {
 }
 
 impl ModuleMapper for Applier<'_> {
-    fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.tracker.enter(name, container_type);
-    }
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.tracker.exit();
-    }
+    track_paths!();
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let key = checkpoint_key(self.remap, &self.tracker.path);
         let linear = is_linear_weight(&key, D);
@@ -274,12 +277,7 @@ struct Exporter {
 }
 
 impl ModuleVisitor for Exporter {
-    fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.tracker.enter(name, container_type);
-    }
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.tracker.exit();
-    }
+    track_paths!();
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let key = self.tracker.leaf(self.kind);
         let mut t = param.val();

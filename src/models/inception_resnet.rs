@@ -105,17 +105,29 @@ impl ResBlockSpec {
     }
 }
 
+/// `(channels, branch0, branch1, branch2)` of a residual block.
+fn block(channels: usize, branch0: usize, branch1: &[usize], branch2: &[usize]) -> ResBlockSpec {
+    ResBlockSpec { channels, branch0, branch1: branch1.to_vec(), branch2: branch2.to_vec() }
+}
+
 impl IrConfig {
-    /// TF-slim / timm `inception_resnet_v2`.
-    pub fn slim_v2(num_classes: usize) -> Self {
+    /// A table with the references' residual scales (0.17 / 0.10 / 0.20, last block 1.0).
+    fn table(
+        layout: IrLayout,
+        [block_a, block_b, block_c]: [ResBlockSpec; 3],
+        reduction_a: [usize; 4],
+        reduction_b: [Vec<usize>; 3],
+        repeats: [usize; 3],
+        num_classes: usize,
+    ) -> Self {
         Self {
-            layout: IrLayout::SlimV2,
-            block_a: ResBlockSpec { channels: 320, branch0: 32, branch1: vec![32, 32], branch2: vec![32, 48, 64] },
-            block_b: ResBlockSpec { channels: 1088, branch0: 192, branch1: vec![128, 160, 192], branch2: vec![] },
-            block_c: ResBlockSpec { channels: 2080, branch0: 192, branch1: vec![192, 224, 256], branch2: vec![] },
-            reduction_a: [256, 256, 384, 384],
-            reduction_b: [vec![256, 384], vec![256, 288], vec![256, 288, 320]],
-            repeats: [10, 20, 9],
+            layout,
+            block_a,
+            block_b,
+            block_c,
+            reduction_a,
+            reduction_b,
+            repeats,
             scales: [0.17, 0.10, 0.20],
             last_scale: 1.0,
             num_classes,
@@ -124,22 +136,36 @@ impl IrConfig {
         }
     }
 
+    /// TF-slim / timm `inception_resnet_v2`.
+    pub fn slim_v2(num_classes: usize) -> Self {
+        Self::table(
+            IrLayout::SlimV2,
+            [
+                block(320, 32, &[32, 32], &[32, 48, 64]),
+                block(1088, 192, &[128, 160, 192], &[]),
+                block(2080, 192, &[192, 224, 256], &[]),
+            ],
+            [256, 256, 384, 384],
+            [vec![256, 384], vec![256, 288], vec![256, 288, 320]],
+            [10, 20, 9],
+            num_classes,
+        )
+    }
+
     /// facenet-pytorch `InceptionResnetV1` (paper Figs. 10-14).
     pub fn facenet_v1(num_classes: usize) -> Self {
-        Self {
-            layout: IrLayout::FacenetV1,
-            block_a: ResBlockSpec { channels: 256, branch0: 32, branch1: vec![32, 32], branch2: vec![32, 32, 32] },
-            block_b: ResBlockSpec { channels: 896, branch0: 128, branch1: vec![128, 128, 128], branch2: vec![] },
-            block_c: ResBlockSpec { channels: 1792, branch0: 192, branch1: vec![192, 192, 192], branch2: vec![] },
-            reduction_a: [192, 192, 256, 384],
-            reduction_b: [vec![256, 384], vec![256, 256], vec![256, 256, 256]],
-            repeats: [5, 10, 5],
-            scales: [0.17, 0.10, 0.20],
-            last_scale: 1.0,
+        Self::table(
+            IrLayout::FacenetV1,
+            [
+                block(256, 32, &[32, 32], &[32, 32, 32]),
+                block(896, 128, &[128, 128, 128], &[]),
+                block(1792, 192, &[192, 192, 192], &[]),
+            ],
+            [192, 192, 256, 384],
+            [vec![256, 384], vec![256, 256], vec![256, 256, 256]],
+            [5, 10, 5],
             num_classes,
-            width: 1.0,
-            plain: false,
-        }
+        )
     }
 
     /// The paper's Inception-ResNet-v1 (Figs. 10-14, Table 1): the facenet trunk without the
@@ -153,20 +179,18 @@ impl IrConfig {
     /// 384 + 288 + 320 + 1152 = 2144, and a residual sum needs equal widths: we use 2144 (2048
     /// would need a projection on the shortcut that the paper never draws).
     pub fn paper_v2(num_classes: usize) -> Self {
-        Self {
-            layout: IrLayout::PaperV2,
-            block_a: ResBlockSpec { channels: 384, branch0: 32, branch1: vec![32, 32], branch2: vec![32, 48, 64] },
-            block_b: ResBlockSpec { channels: 1152, branch0: 192, branch1: vec![128, 160, 192], branch2: vec![] },
-            block_c: ResBlockSpec { channels: 2144, branch0: 192, branch1: vec![192, 224, 256], branch2: vec![] },
-            reduction_a: [256, 256, 384, 384],
-            reduction_b: [vec![256, 384], vec![256, 288], vec![256, 288, 320]],
-            repeats: [5, 10, 5],
-            scales: [0.17, 0.10, 0.20],
-            last_scale: 1.0,
+        Self::table(
+            IrLayout::PaperV2,
+            [
+                block(384, 32, &[32, 32], &[32, 48, 64]),
+                block(1152, 192, &[128, 160, 192], &[]),
+                block(2144, 192, &[192, 224, 256], &[]),
+            ],
+            [256, 256, 384, 384],
+            [vec![256, 384], vec![256, 288], vec![256, 288, 320]],
+            [5, 10, 5],
             num_classes,
-            width: 1.0,
-            plain: false,
-        }
+        )
     }
 
     /// The same layout with every channel count multiplied by `width` (rounded, at least 1).

@@ -19,7 +19,7 @@ use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::models::{Model, ModelKind};
-use crate::weights::PathTracker;
+use crate::weights::{PathTracker, track_paths};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct OptimConfig {
@@ -140,12 +140,7 @@ struct StepMapper<'a> {
 }
 
 impl ModuleMapper for StepMapper<'_> {
-    fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.tracker.enter(name, container_type);
-    }
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.tracker.exit();
-    }
+    track_paths!();
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let Some(g) = self.grads.remove::<D>(param.id) else { return param };
         let key = self.tracker.leaf(self.kind);
@@ -213,12 +208,7 @@ struct EmaVisitor<'a> {
 }
 
 impl ModuleVisitor for EmaVisitor<'_> {
-    fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.tracker.enter(name, container_type);
-    }
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.tracker.exit();
-    }
+    track_paths!();
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let key = self.tracker.leaf(self.kind);
         if is_buffer(&key) {
@@ -249,12 +239,7 @@ struct EmaApplier<'a> {
 }
 
 impl ModuleMapper for EmaApplier<'_> {
-    fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.tracker.enter(name, container_type);
-    }
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.tracker.exit();
-    }
+    track_paths!();
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let key = self.tracker.leaf(self.kind);
         match self.ema.get(&key) {
