@@ -369,26 +369,100 @@ impl Branch {
 }
 
 /// Parallel branches concatenated along channels, optionally wrapped in a scaled residual.
+/// The branches' leading 1x1 convolutions on the block input run as one wider GEMM (`head`),
+/// whose channel slices then feed the rest of each branch.
 #[derive(Clone, Debug)]
 struct Block {
     branches: Vec<Branch>,
+    /// Merged leading 1x1 convolutions and, per branch, its `(offset, channels)` in their output.
+    head: Option<(Conv, Vec<Option<(usize, usize)>>)>,
     /// Up-projection, scale, ReLU, and whether there is a shortcut (`false`: plain block).
     residual: Option<(Conv, f32, bool, bool)>,
 }
 
+/// Take the leading pointwise convolutions of the branches (when two or more share the
+/// input and the activation) and merge them into one `[cin, sum of couts]` convolution.
+fn merge_heads(branches: &mut [Branch]) -> Option<(Conv, Vec<Option<(usize, usize)>>)> {
+    let lead = |b: &Branch| match b.ops.first() {
+        Some(Op::Conv(k)) if k.is_pointwise() && k.pad == [0, 0] && k.relu => Some(k.clone()),
+        _ => None,
+    };
+    if branches.iter().filter_map(lead).count() < 2 {
+        return None;
+    }
+    let convs: Vec<Option<Conv>> = branches.iter().map(lead).collect();
+    let cin = convs.iter().flatten().map(|k| k.cin).next()?;
+    let total: usize = convs.iter().flatten().map(|k| k.cout).sum();
+    let mut w = vec![0.0f32; cin * total];
+    let mut b = Vec::with_capacity(total);
+    let mut slots = Vec::new();
+    let mut off = 0;
+    for (branch, conv) in branches.iter_mut().zip(&convs) {
+        match conv {
+            Some(k) => {
+                for r in 0..cin {
+                    w[r * total + off..r * total + off + k.cout].copy_from_slice(&k.w[r * k.cout..(r + 1) * k.cout]);
+                }
+                b.extend_from_slice(&k.b);
+                slots.push(Some((off, k.cout)));
+                off += k.cout;
+                branch.ops.remove(0);
+            }
+            None => slots.push(None),
+        }
+    }
+    let merged = Conv { cin, cout: total, k: [1, 1], stride: 1, pad: [0, 0], w, b, relu: true };
+    Some((merged, slots))
+}
+
+/// Channels `[off, off + c)` of `a` as a contiguous activation.
+fn channels(a: &Act, off: usize, c: usize) -> Act {
+    let mut y = Act::zeros(a.n, a.h, a.w, c);
+    y.data.par_chunks_mut(c).zip(a.data.par_chunks(a.c)).for_each(|(d, s)| d.copy_from_slice(&s[off..off + c]));
+    y
+}
+
 impl Block {
     fn plain(branches: Vec<Branch>) -> Self {
-        Self { branches, residual: None }
+        Self::new(branches, None)
+    }
+
+    fn new(mut branches: Vec<Branch>, residual: Option<(Conv, f32, bool, bool)>) -> Self {
+        let head = merge_heads(&mut branches);
+        Self { branches, head, residual }
     }
 
     fn run(&self, x: Act) -> Act {
-        let shapes: Vec<_> = self.branches.iter().map(|b| b.out_shape(x.h, x.w, x.c)).collect();
+        let h = self.head.as_ref().map(|(k, _)| k.run(&x));
+        let inputs: Vec<Option<Act>> = match (&self.head, &h) {
+            (Some((_, slots)), Some(h)) => slots.iter().map(|s| s.map(|(o, c)| channels(h, o, c))).collect(),
+            _ => vec![None; self.branches.len()],
+        };
+        let shapes: Vec<_> = self
+            .branches
+            .iter()
+            .zip(&inputs)
+            .map(|(b, i)| {
+                let src = i.as_ref().unwrap_or(&x);
+                b.out_shape(src.h, src.w, src.c)
+            })
+            .collect();
         let (oh, ow) = (shapes[0].0, shapes[0].1);
         let ctot: usize = shapes.iter().map(|s| s.2).sum();
         let mut out = Act::zeros(x.n, oh, ow, ctot);
         let mut off = 0;
-        for (b, s) in self.branches.iter().zip(&shapes) {
-            b.run_into(&x, &mut out.data, ctot, off);
+        for ((b, s), input) in self.branches.iter().zip(&shapes).zip(&inputs) {
+            match input {
+                // a branch that was only its 1x1: copy the slice into place
+                Some(i) if b.ops.is_empty() && b.heads.is_empty() => {
+                    let c = s.2;
+                    out.data.par_chunks_mut(ctot).zip(i.data.par_chunks(c)).for_each(|(d, src)| {
+                        d[off..off + c].copy_from_slice(src);
+                    });
+                }
+                Some(i) => b.run_into(i, &mut out.data, ctot, off),
+                None => b.run_into(&x, &mut out.data, ctot, off),
+            }
             off += s.2;
         }
         match &self.residual {
@@ -516,7 +590,7 @@ fn res_block(r: ResBlock) -> Block {
     if !r.branch2.is_empty() {
         branches.push(Branch::convs(r.branch2));
     }
-    Block { branches, residual: Some((Conv::new(r.conv2d, None, false), r.scale as f32, r.act, r.shortcut)) }
+    Block::new(branches, Some((Conv::new(r.conv2d, None, false), r.scale as f32, r.act, r.shortcut)))
 }
 
 impl Engine {
