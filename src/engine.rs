@@ -368,6 +368,9 @@ impl Branch {
     }
 }
 
+/// The merged leading 1x1 convolution and each branch's `(offset, channels)` in its output.
+type MergedHead = (Conv, Vec<Option<(usize, usize)>>);
+
 /// Parallel branches concatenated along channels, optionally wrapped in a scaled residual.
 /// The branches' leading 1x1 convolutions on the block input run as one wider GEMM (`head`),
 /// whose channel slices then feed the rest of each branch.
@@ -375,14 +378,14 @@ impl Branch {
 struct Block {
     branches: Vec<Branch>,
     /// Merged leading 1x1 convolutions and, per branch, its `(offset, channels)` in their output.
-    head: Option<(Conv, Vec<Option<(usize, usize)>>)>,
+    head: Option<MergedHead>,
     /// Up-projection, scale, ReLU, and whether there is a shortcut (`false`: plain block).
     residual: Option<(Conv, f32, bool, bool)>,
 }
 
 /// Take the leading pointwise convolutions of the branches (when two or more share the
 /// input and the activation) and merge them into one `[cin, sum of couts]` convolution.
-fn merge_heads(branches: &mut [Branch]) -> Option<(Conv, Vec<Option<(usize, usize)>>)> {
+fn merge_heads(branches: &mut [Branch]) -> Option<MergedHead> {
     let lead = |b: &Branch| match b.ops.first() {
         Some(Op::Conv(k)) if k.is_pointwise() && k.pad == [0, 0] && k.relu => Some(k.clone()),
         _ => None,
