@@ -7,7 +7,6 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use clap::{Parser, Subcommand};
-use inception::models::inception_resnet::InceptionResnet;
 use inception::models::{Model, ModelConfig, ModelKind};
 use inception::predict::{EngineKind, Predictor};
 use inception::train::{self, TrainConfig};
@@ -206,15 +205,8 @@ fn device(name: &str) -> Result<Device> {
 
 /// Infer the class count from the file's classifier so any fine-tuned head loads.
 fn classes_in_file(kind: ModelKind, path: &Path) -> Result<usize> {
-    let bytes = weights::read_file(path)?;
-    let st = weights::parse(path, &bytes)?;
-    let key = match kind {
-        ModelKind::InceptionV4 => "last_linear.bias",
-        ModelKind::InceptionResnetV2 => "classif.bias",
-        ModelKind::InceptionResnetV1 => "logits.bias",
-        _ => "classif.bias",
-    };
-    Ok(st.tensor(key).map(|t| t.shape().first().copied().unwrap_or(0)).unwrap_or(0))
+    let key = format!("{}bias", weights::classifier_prefix(kind));
+    Ok(weights::header_shape(path, &key)?.and_then(|s| s.first().copied()).unwrap_or(0))
 }
 
 fn load_predictor(model: &str, weights_path: Option<&Path>, engine: EngineKind, dev: &Device) -> Result<Predictor> {
@@ -271,7 +263,7 @@ fn classify(m: &Predictor, demo: bool, top: usize, json: bool, images: &[PathBuf
             }
         };
         let s = cfg.input_size;
-        let p = softmax(&m.run(&img, [1, 3, s, s], false).logits.data);
+        let p = inception::predict::softmax(&m.run(&img, [1, 3, s, s], false).logits.data);
         let mut idx: Vec<usize> = (0..p.len()).collect();
         idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
         let top: Vec<(usize, String, f32)> = idx
@@ -298,7 +290,7 @@ fn embed(m: &Predictor, layer: &str, out: &Path, batch: usize, inputs: &[PathBuf
     let stage = if layer == "pooled" {
         None
     } else {
-        let info = feature_info(m.kind(), m.width());
+        let info = inception::models::feature_info(m.kind(), m.width());
         Some(info.iter().position(|f| f.module == layer).with_context(|| {
             format!(
                 "unknown layer '{layer}' (pooled, {})",
@@ -400,20 +392,6 @@ fn check(m: &Predictor, inputs: &Path, atol: f32) -> Result<bool> {
         bail!("{}: none of logits, pre_logits, embedding, stage0..4 present", inputs.display());
     }
     Ok(ok)
-}
-
-fn softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let e: Vec<f32> = logits.iter().map(|v| (v - max).exp()).collect();
-    let sum: f32 = e.iter().sum();
-    e.into_iter().map(|v| v / sum).collect()
-}
-
-fn feature_info(kind: ModelKind, width: f64) -> Vec<inception::models::FeatureInfo> {
-    match kind.ir_layout() {
-        None => inception::models::inception_v4::InceptionV4::feature_info(),
-        Some(layout) => InceptionResnet::feature_info(layout, width),
-    }
 }
 
 fn run(cli: Cli) -> Result<bool> {

@@ -27,6 +27,14 @@ impl std::str::FromStr for EngineKind {
     }
 }
 
+/// Softmax of one row of logits.
+pub fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = logits.iter().map(|v| (v - max).exp()).collect();
+    let sum: f32 = e.iter().sum();
+    e.into_iter().map(|v| v / sum).collect()
+}
+
 /// A row-major tensor.
 #[derive(Clone, Debug)]
 pub struct Output {

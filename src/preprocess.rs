@@ -3,7 +3,6 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{Device, Tensor, TensorData};
 use image::imageops::FilterType;
 
 use crate::error::{Error, Result};
@@ -89,10 +88,4 @@ pub fn transform(img: &image::RgbImage, cfg: &PretrainedCfg, size: usize) -> Vec
 /// Load and transform one image.
 pub fn load_image(path: &Path, cfg: &PretrainedCfg, size: usize) -> Result<Vec<f32>> {
     Ok(transform(&load_rgb(path)?, cfg, size))
-}
-
-/// Stack CHW vectors into an `[N, 3, size, size]` tensor.
-pub fn batch(images: &[Vec<f32>], size: usize, device: &Device) -> Tensor<4> {
-    let data: Vec<f32> = images.iter().flat_map(|v| v.iter().copied()).collect();
-    Tensor::from_data(TensorData::new(data, [images.len(), 3, size, size]), device)
 }

@@ -121,7 +121,8 @@ pub struct LoadOptions {
     pub new_classifier: bool,
 }
 
-fn classifier_prefix(kind: ModelKind) -> &'static str {
+/// Key prefix of the classifier in the reference checkpoints (`last_linear.`, `classif.`, `logits.`).
+pub fn classifier_prefix(kind: ModelKind) -> &'static str {
     match kind {
         ModelKind::InceptionV4 => "last_linear.",
         ModelKind::InceptionResnetV2 => "classif.",
@@ -339,13 +340,43 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(io)
 }
 
+/// The JSON header of a safetensors file, read without its tensor data (the full validation
+/// happens in `parse` when the tensors are loaded).
+pub fn read_header(path: &Path) -> Result<serde_json::Map<String, serde_json::Value>> {
+    use std::io::Read;
+    let bad = |reason: String| Error::Safetensors { path: path.to_path_buf(), reason };
+    let mut f = std::fs::File::open(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|e| bad(format!("no header length: {e}")))?;
+    let n = u64::from_le_bytes(len);
+    if n > 100_000_000 {
+        return Err(bad(format!("header length {n} is too large")));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| bad(format!("truncated header: {e}")))?;
+    serde_json::from_slice(&header).map_err(|e| bad(format!("header is not a JSON object: {e}")))
+}
+
+/// One string entry of the file's `__metadata__`, from the header alone.
+pub fn read_metadata_entry(path: &Path, key: &str) -> Result<Option<String>> {
+    let header = read_header(path)?;
+    Ok(header.get("__metadata__").and_then(|m| m.get(key)).and_then(|v| v.as_str()).map(str::to_string))
+}
+
+/// The shape of tensor `key` from the header alone (`None` when the file has no such tensor).
+pub fn header_shape(path: &Path, key: &str) -> Result<Option<Vec<usize>>> {
+    let header = read_header(path)?;
+    Ok(header
+        .get(key)
+        .and_then(|t| t.get("shape"))
+        .and_then(|s| s.as_array())
+        .map(|dims| dims.iter().filter_map(|d| d.as_u64()).map(|d| d as usize).collect()))
+}
+
 /// The `ModelConfig` a file was saved with by `save_model` (`None` for foreign files).
 pub fn read_config(path: &Path) -> Result<Option<crate::models::ModelConfig>> {
-    let bytes = read_file(path)?;
-    let (_, meta) = SafeTensors::read_metadata(&bytes)
-        .map_err(|e| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() })?;
-    let Some(cfg) = meta.metadata().as_ref().and_then(|m| m.get("inception_config")) else { return Ok(None) };
-    serde_json::from_str(cfg)
+    let Some(cfg) = read_metadata_entry(path, "inception_config")? else { return Ok(None) };
+    serde_json::from_str(&cfg)
         .map(Some)
         .map_err(|e| Error::Invalid(format!("{}: bad inception_config metadata: {e}", path.display())))
 }

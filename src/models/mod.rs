@@ -274,10 +274,7 @@ impl Model {
     }
 
     pub fn feature_info(&self) -> Vec<FeatureInfo> {
-        match self {
-            Model::V4(_) => InceptionV4::feature_info(),
-            Model::Ir(m) => InceptionResnet::feature_info(m.layout, m.width),
-        }
+        feature_info(self.kind(), self.config().width)
     }
 
     /// Trunk up to the last feature map, calling `tap(stage, &output)` at each `feature_info` stage.
@@ -336,6 +333,14 @@ impl Model {
             .filter(|(k, _)| !k.ends_with("running_mean") && !k.ends_with("running_var"))
             .map(|(_, s)| s.iter().product::<usize>())
             .sum()
+    }
+}
+
+/// `feature_info` of a model kind at a width multiplier, without building the model.
+pub fn feature_info(kind: ModelKind, width: f64) -> Vec<FeatureInfo> {
+    match kind.ir_layout() {
+        None => InceptionV4::feature_info(),
+        Some(layout) => InceptionResnet::feature_info(layout, width),
     }
 }
 

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::models::{Model, ModelConfig, ModelKind, stage_of_key};
-use crate::predict::{EngineKind, Predictor};
+use crate::predict::{EngineKind, Predictor, softmax};
 use crate::weights::{self, LoadOptions};
 use data::{Dataset, SplitMix, Transform, load_batch, multi_crops, to_chw};
 use optim::{OptimConfig, OptimState};
@@ -165,7 +165,6 @@ fn save_checkpoint(dir: &Path, cfg: &TrainConfig, model: &Model, st: &OptimState
     tensor_map_to_vecs(&st.ms, "ms.", &mut t);
     tensor_map_to_vecs(&st.mom, "mom.", &mut t);
     tensor_map_to_vecs(&st.ema, "ema.", &mut t);
-    let js = |v: &dyn erased::Json| v.json();
     let meta = HashMap::from([
         ("train_config".to_string(), js(cfg)),
         ("progress".to_string(), js(p)),
@@ -175,15 +174,8 @@ fn save_checkpoint(dir: &Path, cfg: &TrainConfig, model: &Model, st: &OptimState
     weights::save_tensors(&dir.join(CHECKPOINT), &t, Some(meta))
 }
 
-mod erased {
-    pub trait Json {
-        fn json(&self) -> String;
-    }
-    impl<T: serde::Serialize> Json for T {
-        fn json(&self) -> String {
-            serde_json::to_string(self).unwrap_or_default()
-        }
-    }
+fn js<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
 }
 
 /// The config a run in `dir` was started with (from its checkpoint), if there is one.
@@ -192,10 +184,7 @@ pub fn saved_config(dir: &Path) -> Result<Option<TrainConfig>> {
     if !path.exists() {
         return Ok(None);
     }
-    let bytes = weights::read_file(&path)?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| Error::Safetensors { path: path.clone(), reason: e.to_string() })?;
-    let cfg = meta.metadata().as_ref().and_then(|m| m.get("train_config").cloned());
+    let cfg = weights::read_metadata_entry(&path, "train_config")?;
     cfg.map(|c| serde_json::from_str(&c).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))).transpose()
 }
 
@@ -232,31 +221,18 @@ fn load_checkpoint(dir: &Path, device: &Device) -> Result<(TrainConfig, Model, O
         )));
     }
     let mut state = OptimState { ema_updates: get("ema_updates")?.parse().unwrap_or(0), ..Default::default() };
-    let inner = device.clone();
     for name in st.names() {
         for (prefix, map) in [("ms.", &mut state.ms), ("mom.", &mut state.mom), ("ema.", &mut state.ema)] {
             if let Some(key) = name.strip_prefix(prefix) {
                 let t = weights::tensor_f32(&path, &st, name)?;
                 let n = t.data.len();
-                map.insert(
-                    key.to_string(),
-                    Tensor::<1>::from_data(TensorData::new(t.data, [n]), &inner).inner_or_self(),
-                );
+                // optimizer state lives on the non-autodiff device
+                let t = Tensor::<1>::from_data(TensorData::new(t.data, [n]), device);
+                map.insert(key.to_string(), if t.device().is_autodiff() { t.inner() } else { t });
             }
         }
     }
     Ok((cfg, model, state, progress))
-}
-
-trait InnerOrSelf {
-    fn inner_or_self(self) -> Self;
-}
-
-impl InnerOrSelf for Tensor<1> {
-    /// Optimizer state lives on the non-autodiff device.
-    fn inner_or_self(self) -> Self {
-        if self.device().is_autodiff() { self.inner() } else { self }
-    }
 }
 
 /// Top-1 / top-5 hits of `[n, c]` scores against labels.
@@ -312,11 +288,8 @@ pub fn evaluate(
         // average probabilities over each image's crops
         let mut probs = vec![0f32; ok.len() * c];
         for (j, row) in out.logits.data.chunks(c).enumerate() {
-            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let e: Vec<f32> = row.iter().map(|v| (v - m).exp()).collect();
-            let s: f32 = e.iter().sum();
-            for (acc, v) in probs[(j / k) * c..][..c].iter_mut().zip(e) {
-                *acc += v / s / k as f32;
+            for (acc, v) in probs[(j / k) * c..][..c].iter_mut().zip(softmax(row)) {
+                *acc += v / k as f32;
             }
         }
         let (a, b) = hits(&probs, c, &labels);
@@ -497,18 +470,14 @@ pub fn train(
         }
         let secs = t0.elapsed().as_secs_f64();
         let eval_model = optim::ema_model(&model, &state);
-        let zf = zero_fraction(&eval_model, &eval_ds, &cfg, &device.clone());
+        let zf = zero_fraction(&eval_model, &eval_ds, &cfg, device);
         if zf > 0.99 {
             eprintln!(
                 "warning: {:.1}% of the last feature map is zero: the network may be dying (paper Sec. 3.3)",
                 zf * 100.0
             );
         }
-        let p = Predictor::new(
-            eval_model,
-            if device.is_autodiff() { EngineKind::Burn } else { engine_for(device) },
-            device,
-        );
+        let p = Predictor::new(eval_model, engine_for(device), device);
         let ev = evaluate(&p, &eval_ds, cfg.size, cfg.crop_pct, 1, cfg.eval_limit, cfg.batch.max(16));
         let seen = (progress.seen - start_seen).max(1) as f64;
         progress.history.push(EpochMetrics {
