@@ -2,8 +2,8 @@
 //!
 //! Built from a loaded burn `Model` (consumed block by block, so weights are held once):
 //! activations are NHWC f32; BatchNorm is folded into the convolution weights and bias; every
-//! convolution is one GEMM (`gemm` crate) over either the input itself (1x1, stride 1) or an
-//! im2col tile; bias + ReLU run on the tile just written; concatenations cost nothing because
+//! convolution is one GEMM (`crate::sgemm`, weights packed at load) over the input itself,
+//! im2col done while packing; bias + ReLU run as each tile is stored; concatenations cost nothing because
 //! each branch writes its own channel slice of the block output (GEMM row stride = total
 //! channels); the residual `x + scale * up(cat)` is the GEMM's accumulate (`dst = x + scale*AB`),
 //! in place in the block input's buffer.
@@ -13,13 +13,13 @@ use burn::module::Param;
 use burn::nn::conv::Conv2d;
 use burn::nn::{BatchNorm, Linear, PaddingConfig2d};
 use burn::tensor::Tensor;
-use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
 use crate::layers::{BN_EPS, ConvBnAct, FourBranch, Layer};
 use crate::models::inception_resnet::{InceptionResnet, IrLayout, ReductionB as IrReductionB, ResBlock};
 use crate::models::inception_v4::{InceptionV4, Mixed3a, Mixed4a, Mixed5a, ReductionA, ReductionB, V4Block};
 use crate::models::{Model, ModelKind};
+use crate::sgemm::{self, PackedB, Rows};
 
 /// An NHWC activation.
 #[derive(Clone, Debug)]
@@ -94,7 +94,7 @@ enum Epilogue {
     Residual { scale: f32, relu: bool },
 }
 
-/// A convolution with folded BatchNorm: weights `[kh * kw * cin, cout]` row-major, im2col order
+/// A convolution with folded BatchNorm: weights `[kh * kw * cin, cout]` (packed), im2col order
 /// `(ky, kx, ci)`.
 #[derive(Clone, Debug)]
 pub struct Conv {
@@ -103,7 +103,7 @@ pub struct Conv {
     k: [usize; 2],
     stride: usize,
     pad: [usize; 2],
-    w: Vec<f32>,
+    w: PackedB,
     b: Vec<f32>,
     relu: bool,
 }
@@ -131,7 +131,7 @@ impl Conv {
                 }
             }
         }
-        Self { cin, cout, k: [kh, kw], stride: conv.stride[0], pad, w, b: shift, relu }
+        Self { cin, cout, k: [kh, kw], stride: conv.stride[0], pad, w: PackedB::new(&w, k, cout), b: shift, relu }
     }
 
     fn from_cba(c: ConvBnAct) -> Self {
@@ -150,86 +150,28 @@ impl Conv {
     /// Run on `x`, writing channels `[off, off + cout)` of `dst` (row stride `ld`).
     fn run_into(&self, x: &Act, dst: &mut [f32], ld: usize, off: usize, epi: Epilogue) {
         let (oh, ow) = self.out_hw(x.h, x.w);
-        let m = x.n * oh * ow;
-        let kdim = self.k[0] * self.k[1] * self.cin;
-        // rows per tile: keep the im2col tile around 4 MiB
-        let tile = if self.is_pointwise() { m } else { (1usize << 20).div_ceil(kdim).clamp(64, m.max(64)) };
-        let mut col = if self.is_pointwise() { Vec::new() } else { vec![0.0f32; tile.min(m) * kdim] };
-        let mut r0 = 0;
-        while r0 < m {
-            let rows = tile.min(m - r0);
-            let (lhs, lhs_rs) = if self.is_pointwise() {
-                (x.data[r0 * self.cin..].as_ptr(), self.cin as isize)
-            } else {
-                self.im2col(x, oh, ow, r0, &mut col[..rows * kdim]);
-                (col.as_ptr(), kdim as isize)
-            };
-            let out = &mut dst[r0 * ld..];
-            let (read_dst, alpha, beta) = match epi {
-                Epilogue::Store { .. } => (false, 0.0, 1.0),
-                Epilogue::Residual { scale, .. } => (true, 1.0, scale),
-            };
-            // SAFETY: lhs is rows x kdim (row stride lhs_rs), rhs kdim x cout, dst rows x cout at
-            // `off` with row stride `ld`; all inside their buffers (checked by the slicing above).
-            unsafe {
-                gemm(
-                    rows,
-                    self.cout,
-                    kdim,
-                    out.as_mut_ptr().add(off),
-                    1,
-                    ld as isize,
-                    read_dst,
-                    lhs,
-                    1,
-                    lhs_rs,
-                    self.w.as_ptr(),
-                    1,
-                    self.cout as isize,
-                    alpha,
-                    beta,
-                    false,
-                    false,
-                    false,
-                    Parallelism::Rayon(0),
-                );
+        let rows = if self.is_pointwise() {
+            Rows::Dense { data: &x.data, ld: x.c }
+        } else {
+            Rows::Conv {
+                data: &x.data,
+                ld: x.c,
+                c0: 0,
+                cin: self.cin,
+                hw: [x.h, x.w],
+                k: self.k,
+                stride: self.stride,
+                pad: self.pad,
+                out: [oh, ow],
             }
-            let (bias_scale, relu) = match epi {
-                Epilogue::Store { relu } => (1.0, relu),
-                Epilogue::Residual { scale, relu } => (scale, relu),
-            };
-            let b = &self.b;
-            out[..rows * ld].par_chunks_mut(ld).for_each(|row| {
-                for (v, bias) in row[off..off + b.len()].iter_mut().zip(b) {
-                    let y = *v + bias * bias_scale;
-                    *v = if relu { y.max(0.0) } else { y };
-                }
-            });
-            r0 += rows;
-        }
-    }
-
-    /// im2col rows `[r0, r0 + col.len() / kdim)` in `(ky, kx, ci)` order, zeros outside the input.
-    fn im2col(&self, x: &Act, oh: usize, ow: usize, r0: usize, col: &mut [f32]) {
-        let (kh, kw, cin, s) = (self.k[0], self.k[1], self.cin, self.stride);
-        let kdim = kh * kw * cin;
-        col.par_chunks_mut(kdim).enumerate().for_each(|(i, row)| {
-            let r = r0 + i;
-            let (b, oy, ox) = (r / (oh * ow), (r / ow) % oh, r % ow);
-            for ky in 0..kh {
-                let iy = (oy * s + ky) as isize - self.pad[0] as isize;
-                for kx in 0..kw {
-                    let ix = (ox * s + kx) as isize - self.pad[1] as isize;
-                    let dst = &mut row[(ky * kw + kx) * cin..][..cin];
-                    if iy < 0 || ix < 0 || iy >= x.h as isize || ix >= x.w as isize {
-                        dst.fill(0.0);
-                    } else {
-                        let src = ((b * x.h + iy as usize) * x.w + ix as usize) * cin;
-                        dst.copy_from_slice(&x.data[src..src + cin]);
-                    }
-                }
+        };
+        let epi = match epi {
+            Epilogue::Store { relu } => sgemm::Epilogue { bias: Some(&self.b), alpha: 1.0, load: false, relu },
+            Epilogue::Residual { scale, relu } => {
+                sgemm::Epilogue { bias: Some(&self.b), alpha: scale, load: true, relu }
             }
-        });
+        };
+        sgemm::gemm(x.n * oh * ow, rows, &self.w, dst, ld, off, epi);
     }
 
     fn run(&self, x: &Act) -> Act {
@@ -403,8 +345,9 @@ fn merge_heads(branches: &mut [Branch]) -> Option<MergedHead> {
     for (branch, conv) in branches.iter_mut().zip(&convs) {
         match conv {
             Some(k) => {
+                let kw = k.w.unpack();
                 for r in 0..cin {
-                    w[r * total + off..r * total + off + k.cout].copy_from_slice(&k.w[r * k.cout..(r + 1) * k.cout]);
+                    w[r * total + off..r * total + off + k.cout].copy_from_slice(&kw[r * k.cout..(r + 1) * k.cout]);
                 }
                 b.extend_from_slice(&k.b);
                 slots.push(Some((off, k.cout)));
@@ -414,7 +357,8 @@ fn merge_heads(branches: &mut [Branch]) -> Option<MergedHead> {
             None => slots.push(None),
         }
     }
-    let merged = Conv { cin, cout: total, k: [1, 1], stride: 1, pad: [0, 0], w, b, relu: true };
+    let merged =
+        Conv { cin, cout: total, k: [1, 1], stride: 1, pad: [0, 0], w: PackedB::new(&w, cin, total), b, relu: true };
     Some((merged, slots))
 }
 
@@ -485,12 +429,12 @@ impl Block {
     }
 }
 
-/// A dense layer `y = x W + b`, `W` as `[din, dout]` row-major.
+/// A dense layer `y = x W + b`, `W` as `[din, dout]` (packed).
 #[derive(Clone, Debug)]
 struct Dense {
     din: usize,
     dout: usize,
-    w: Vec<f32>,
+    w: PackedB,
     b: Vec<f32>,
 }
 
@@ -507,35 +451,13 @@ impl Dense {
             }
             b = b.iter().zip(&s).zip(&shift).map(|((b, s), t)| b * s + t).collect();
         }
-        Self { din, dout, w, b }
+        Self { din, dout, w: PackedB::new(&w, din, dout), b }
     }
 
     fn run(&self, x: &[f32], n: usize) -> Vec<f32> {
-        let mut y: Vec<f32> = (0..n).flat_map(|_| self.b.iter().copied()).collect();
-        // SAFETY: x is n x din, w din x dout, y n x dout, all row-major and in bounds.
-        unsafe {
-            gemm(
-                n,
-                self.dout,
-                self.din,
-                y.as_mut_ptr(),
-                1,
-                self.dout as isize,
-                true,
-                x.as_ptr(),
-                1,
-                self.din as isize,
-                self.w.as_ptr(),
-                1,
-                self.dout as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                Parallelism::Rayon(0),
-            );
-        }
+        let mut y = vec![0.0f32; n * self.dout];
+        let epi = sgemm::Epilogue { bias: Some(&self.b), alpha: 1.0, load: false, relu: false };
+        sgemm::gemm(n, Rows::Dense { data: x, ld: self.din }, &self.w, &mut y, self.dout, 0, epi);
         y
     }
 }

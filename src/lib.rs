@@ -16,5 +16,6 @@ pub mod hub;
 pub mod labels;
 pub mod predict;
 pub mod preprocess;
+pub mod sgemm;
 pub mod summary;
 pub mod train;
