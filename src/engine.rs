@@ -596,14 +596,18 @@ impl Engine {
     }
 
     /// Trunk, calling `tap(stage, &output)` at each `feature_info` stage end.
-    pub fn forward_features_tapped(&self, mut x: Act, tap: &mut dyn FnMut(usize, &Act)) -> Act {
-        for (i, b) in self.blocks.iter().enumerate() {
-            x = b.run(x);
-            if let Some(s) = self.stage_ends.iter().position(|&e| e == i) {
-                tap(s, &x);
+    pub fn forward_features_tapped(&self, mut x: Act, tap: &mut (dyn FnMut(usize, &Act) + Send)) -> Act {
+        // Run the whole pass on a pool worker: each GEMM's tasks are then pushed to the local
+        // queue instead of being injected from outside and waited for with a sleep/wake.
+        rayon::scope(|_| {
+            for (i, b) in self.blocks.iter().enumerate() {
+                x = b.run(x);
+                if let Some(s) = self.stage_ends.iter().position(|&e| e == i) {
+                    tap(s, &x);
+                }
             }
-        }
-        x
+            x
+        })
     }
 
     pub fn forward_features(&self, x: Act) -> Act {

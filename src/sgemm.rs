@@ -156,17 +156,37 @@ impl<'a> Rows<'a> {
     /// Segments covering columns `[k0, k0 + kc)` of the strip starting at row `ra` (rows at or
     /// past `r1` repeat row `ra`; their results are never stored).
     fn segments(&self, ra: usize, r1: usize, k0: usize, kc: usize, out: &mut Vec<Seg>) {
-        let mut kk = 0;
-        while kk < kc {
-            let mut seg = Seg { p: [std::ptr::null(); MR], run: kc - kk };
-            for i in 0..MR {
-                let r = if ra + i < r1 { ra + i } else { ra };
-                let (src, len) = self.segment(r, k0 + kk, seg.run);
-                seg.p[i] = src.as_ptr();
-                seg.run = len;
+        let row = |i: usize| if ra + i < r1 { ra + i } else { ra };
+        match *self {
+            Rows::Dense { data, ld } => {
+                let p = std::array::from_fn(|i| data[row(i) * ld + k0..row(i) * ld + k0 + kc].as_ptr());
+                out.push(Seg { p, run: kc });
             }
-            out.push(seg);
-            kk += seg.run;
+            Rows::Conv { data, ld, c0, cin, hw: [h, w], k: [_, kw], stride, pad, out: [oh, ow] } => {
+                // per row: image and the input position of tap (0, 0)
+                let origin: [(usize, isize, isize); MR] = std::array::from_fn(|i| {
+                    let r = row(i);
+                    let (oy, ox) = ((r / ow) % oh, r % ow);
+                    (r / (oh * ow), (oy * stride) as isize - pad[0] as isize, (ox * stride) as isize - pad[1] as isize)
+                });
+                let mut kk = 0;
+                while kk < kc {
+                    let (tap, ci) = ((k0 + kk) / cin, (k0 + kk) % cin);
+                    let run = (cin - ci).min(kc - kk);
+                    let (ky, kx) = ((tap / kw) as isize, (tap % kw) as isize);
+                    let p = origin.map(|(b, y0, x0)| {
+                        let (iy, ix) = (y0 + ky, x0 + kx);
+                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                            ZEROS[..run].as_ptr()
+                        } else {
+                            let src = ((b * h + iy as usize) * w + ix as usize) * ld + c0 + ci;
+                            data[src..src + run].as_ptr()
+                        }
+                    });
+                    out.push(Seg { p, run });
+                    kk += run;
+                }
+            }
         }
     }
 
