@@ -18,6 +18,8 @@ const MR: usize = 6;
 const NR: usize = 16;
 const KC: usize = 256;
 const MC: usize = 72;
+/// Up to this many column panels per task, loop strips outside panels.
+const FEW_PANELS: usize = 4;
 
 /// 64-byte aligned floats (a `B` row of 16 is one cache line; unaligned ones straddle two).
 #[derive(Clone, Debug, Default)]
@@ -320,21 +322,26 @@ fn gemm_on(avx: bool, m: usize, a: Rows<'_>, b: &PackedB, c: &mut [f32], ldc: us
                     load: epi.load || kb > 0,
                     relu: epi.relu && kb == nkb - 1,
                 };
-                for p in p0..p1 {
+                let run = |p: usize, st: usize| {
                     let bp = &b.data.as_slice()[b.slice(k0, kcb, p)..][..kcb * NR];
                     let (j0, cols) = (p * NR, NR.min(n - p * NR));
                     let bias = step.bias.map(|v| &v[j0..j0 + cols]);
-                    for st in 0..strips {
-                        let rows = MR.min(r1 - r0 - st * MR);
-                        let segs = &scratch.segs[scratch.starts[st]..scratch.starts[st + 1]];
-                        // SAFETY: the segments' pointers are valid for their runs (they point into
-                        // `a`'s data, the gathered rows or ZEROS, all alive for this call); rows/cols
-                        // of this tile are inside C (asserted above) and no other task writes them.
-                        unsafe {
-                            let cp = out.at((r0 + st * MR) * ldc + c0 + j0);
-                            tile(avx, segs, bp, cp, ldc, rows, cols, bias, step);
-                        }
+                    let rows = MR.min(r1 - r0 - st * MR);
+                    let segs = &scratch.segs[scratch.starts[st]..scratch.starts[st + 1]];
+                    // SAFETY: the segments' pointers are valid for their runs (they point into
+                    // `a`'s data, the gathered rows or ZEROS, all alive for this call); rows/cols
+                    // of this tile are inside C (asserted above) and no other task writes them.
+                    unsafe {
+                        let cp = out.at((r0 + st * MR) * ldc + c0 + j0);
+                        tile(avx, segs, bp, cp, ldc, rows, cols, bias, step);
                     }
+                };
+                if p1 - p0 <= FEW_PANELS {
+                    // narrow output: keep each strip's rows in L1 across the few panels
+                    (0..strips).for_each(|st| (p0..p1).for_each(|p| run(p, st)));
+                } else {
+                    // keep each panel's weight slice in L1 across the strips
+                    (p0..p1).for_each(|p| (0..strips).for_each(|st| run(p, st)));
                 }
             }
         });
