@@ -46,6 +46,8 @@ pub struct BenchReport {
     pub feature_rms: f64,
     pub loadavg_before: String,
     pub loadavg_after: String,
+    /// This machine's measured f32 FMA peak of one core (GFLOP/s), for the distance to the floor.
+    pub fma_peak_gflops_per_core: f64,
 }
 
 /// `/proc/loadavg`'s first three fields ("" where unavailable).
@@ -137,6 +139,7 @@ pub fn run(cfg: &BenchConfig, device: &Device) -> Result<BenchReport> {
         feature_rms,
         loadavg_before: before,
         loadavg_after: loadavg(),
+        fma_peak_gflops_per_core: crate::sgemm::fma_peak_gflops(),
     })
 }
 
