@@ -127,7 +127,8 @@ pub enum Rows<'a> {
 /// Source of rows past the input (padding).
 static ZEROS: [f32; KC] = [0.0; KC];
 
-/// Six row pointers, each valid for `run` floats: columns `[k, k + run)` of a 6-row strip.
+/// Six row pointers, each valid for `run` floats: columns `[k, k + run)` of a 6-row strip; all
+/// null where every row is zero there (padding), which the kernels skip.
 #[derive(Clone, Copy, Debug)]
 struct Seg {
     p: [*const f32; MR],
@@ -185,6 +186,8 @@ impl<'a> Rows<'a> {
                             data[src..src + run].as_ptr()
                         }
                     });
+                    // a tap that is padding for all six rows adds nothing: the kernel skips it
+                    let p = if p.iter().all(|&q| q == ZEROS.as_ptr()) { [std::ptr::null(); MR] } else { p };
                     out.push(Seg { p, run });
                     kk += run;
                 }
@@ -437,6 +440,10 @@ unsafe fn portable_kernel(segs: &[Seg], b: &[f32], bias: &[f32; NR], acc: &mut [
     }
     let mut bv = b.chunks_exact(NR);
     for seg in segs {
+        if seg.p[0].is_null() {
+            bv.by_ref().take(seg.run).for_each(drop);
+            continue;
+        }
         // SAFETY: each pointer is valid for `run` floats.
         let rows = seg.p.map(|p| unsafe { std::slice::from_raw_parts(p, seg.run) });
         for (j, w) in bv.by_ref().take(seg.run).enumerate() {
@@ -532,6 +539,10 @@ mod avx2 {
             let (mut c00, mut c01, mut c10, mut c11, mut c20, mut c21) = (b0, b1, b0, b1, b0, b1);
             let (mut c30, mut c31, mut c40, mut c41, mut c50, mut c51) = (b0, b1, b0, b1, b0, b1);
             for seg in segs {
+                if seg.p[0].is_null() {
+                    b = b.add(16 * seg.run);
+                    continue;
+                }
                 let [a0, a1, a2, a3, a4, a5] = seg.p;
                 for j in 0..seg.run {
                     let w0 = _mm256_load_ps(b);
@@ -631,8 +642,11 @@ mod tests {
     fn implicit_im2col_matches_explicit() {
         // 2 images 9x7, channels 3..3+cin of a wider buffer, 3x2 kernel, stride 2, pad (1, 0);
         // 5 channels are gathered first, 20 are streamed tap by tap
-        for cin in [5, 20] {
-            let (n, h, w, ld, c0, kh, kw, s, pad) = (2, 9, 7, cin + 5, 3, 3, 2, 2, [1, 0]);
+        // and a 7x1 convolution, pad (3, 0), on 6-wide maps: whole strips fall on padding taps
+        for (cin, h, w, kh, kw, s, pad) in
+            [(5, 9, 7, 3, 2, 2, [1, 0]), (20, 9, 7, 3, 2, 2, [1, 0]), (17, 8, 6, 7, 1, 1, [3, 0])]
+        {
+            let (n, ld, c0) = (2, cin + 5, 3);
             let (oh, ow) = ((h + 2 * pad[0] - kh) / s + 1, (w + 2 * pad[1] - kw) / s + 1);
             let x = data(n * h * w * ld, 4);
             let k = kh * kw * cin;
