@@ -2,21 +2,26 @@
 # One prepared GPU session (issue #4): parity on the GPU, IR-v2 / v4 inference at b1/32/256 and
 # a training step through burn's Vulkan backend, and timm eager on the same card for the ratio.
 # Not yet run: no session so far was lent a device. Usage (device tool, from the repo root):
-#   prepare here:  cargo build --release --features vulkan   (long: carry target/release/inception)
-#                  python3 scripts/reference/make_full.py --out fixtures/full --models inception_resnet_v2
-#                  (Vulkan loader debs into .gl/, see the device README)
-#   run there:     bash scripts/gpu/device_check.sh   with carry: .gl, the binary, fixtures/full
+#   prepare here:  cargo build --release --features vulkan   (over an hour cold; start it first)
+#                  mkdir -p .dev && cp "$CARGO_TARGET_DIR"/release/inception .dev/inception-vulkan
+#                  echo /.dev/ >> .git/info/exclude
+#                  Vulkan loader debs into .gl/ (the device README gives the apt-get line)
+#   run there:     bash scripts/gpu/device_check.sh   with carry [".gl", ".dev"], timeout_s ~540
+# The IR-v2 reference fixture (224 MB of weights, over the 64 MiB a call may carry) is made
+# there by scripts/reference/make_full.py: the device image has torch, timm and safetensors.
 set -uo pipefail
 for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
 export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
-BIN=${BIN:-./inception-vulkan}
+BIN=${BIN:-./.dev/inception-vulkan}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
-# parity on the GPU (burn path)
+# parity on the GPU (burn path) against timm on the same random weights
+FX=/tmp/fixtures
+python3 scripts/reference/make_full.py --out $FX --models inception_resnet_v2 2>&1 | tail -3
 $BIN --device vulkan --engine burn check --model inception_resnet_v2 \
-  --weights fixtures/full/inception_resnet_v2/model.safetensors \
-  --inputs fixtures/full/inception_resnet_v2/io_299.safetensors --atol 1e-3 2>&1 | tee "$OUT/parity.txt"
+  --weights $FX/inception_resnet_v2/model.safetensors \
+  --inputs $FX/inception_resnet_v2/io_299.safetensors --atol 1e-3 2>&1 | tee "$OUT/parity.txt"
 for m in inception_resnet_v2 inception_v4; do
   for b in 1 32 256; do
     timeout 120 $BIN --device vulkan --engine burn bench --model $m --batch $b --runs 5 --json | tee -a "$OUT/ours.jsonl"
