@@ -59,34 +59,19 @@ impl PackedB {
     pub fn new(w: &[f32], k: usize, n: usize) -> Self {
         assert_eq!(w.len(), k * n, "weight matrix is not k x n");
         let kc = k.div_ceil(k.div_ceil(KC).max(1)).max(1);
-        let mut b = Self { k, n, kc, data: Aligned::zeros(n.div_ceil(NR) * NR * k) };
-        b.each_row(|r, c0, cols, off, data| data[off..off + cols].copy_from_slice(&w[r * n + c0..r * n + c0 + cols]));
-        b
+        let mut data = Aligned::zeros(n.div_ceil(NR) * NR * k);
+        let packed = data.as_mut_slice();
+        layout(k, n, kc, |r, c0, cols, off| packed[off..off + cols].copy_from_slice(&w[r * n + c0..r * n + c0 + cols]));
+        Self { k, n, kc, data }
     }
 
     /// Back to `[k, n]` row-major (used at load time to merge convolutions).
     pub fn unpack(&self) -> Vec<f32> {
-        let (n, mut w) = (self.n, vec![0.0f32; self.k * self.n]);
-        let mut copy = self.clone();
-        copy.each_row(|r, c0, cols, off, data| {
-            w[r * n + c0..r * n + c0 + cols].copy_from_slice(&data[off..off + cols])
+        let (n, mut w, packed) = (self.n, vec![0.0f32; self.k * self.n], self.data.as_slice());
+        layout(self.k, n, self.kc, |r, c0, cols, off| {
+            w[r * n + c0..r * n + c0 + cols].copy_from_slice(&packed[off..off + cols])
         });
         w
-    }
-
-    /// Visit every (row, panel): `f(row, first column, columns, offset of the 16 floats, data)`.
-    fn each_row(&mut self, mut f: impl FnMut(usize, usize, usize, usize, &mut [f32])) {
-        let panels = self.n.div_ceil(NR);
-        for k0 in (0..self.k).step_by(self.kc) {
-            let kcb = self.kc.min(self.k - k0);
-            for p in 0..panels {
-                let (c0, cols) = (p * NR, NR.min(self.n - p * NR));
-                for kk in 0..kcb {
-                    let off = self.slice(k0, kcb, p) + kk * NR;
-                    f(k0 + kk, c0, cols, off, self.data.as_mut_slice());
-                }
-            }
-        }
     }
 
     /// Offset of panel `p`'s slice of the k-block starting at `k0` (`kcb` rows).
@@ -100,6 +85,21 @@ impl PackedB {
 
     pub fn n(&self) -> usize {
         self.n
+    }
+}
+
+/// Every (row, panel) of a packed `[k, n]` matrix with `kc`-row blocks:
+/// `f(row, first column, columns, offset of its 16 floats)`.
+fn layout(k: usize, n: usize, kc: usize, mut f: impl FnMut(usize, usize, usize, usize)) {
+    let panels = n.div_ceil(NR);
+    for k0 in (0..k).step_by(kc) {
+        let kcb = kc.min(k - k0);
+        for p in 0..panels {
+            let (c0, cols) = (p * NR, NR.min(n - p * NR));
+            for kk in 0..kcb {
+                f(k0 + kk, c0, cols, k0 * panels * NR + (p * kcb + kk) * NR);
+            }
+        }
     }
 }
 
