@@ -24,7 +24,10 @@ fn paired_nets_have_matched_cost() {
 }
 
 fn tiny_folder() -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("inception-repro-test-{}", std::process::id()));
+    // one folder per call: the tests of this file run in parallel threads of one process
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("inception-repro-test-{}-{id}", std::process::id()));
     for (class, v) in [("a", 200u8), ("b", 40u8)] {
         std::fs::create_dir_all(d.join(class)).unwrap();
         for i in 0..6u8 {

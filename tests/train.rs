@@ -46,7 +46,10 @@ fn schedule_is_0_045_times_0_94_every_two_epochs() {
 }
 
 fn tiny_folder() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("inception-train-test-{}", std::process::id())).join("data");
+    // one folder per call: the tests of this file run in parallel threads of one process
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("inception-train-test-{}-{id}", std::process::id())).join("data");
     for (class, v) in [("bright", 220u8), ("dark", 30u8)] {
         let c = d.join(class);
         std::fs::create_dir_all(&c).unwrap();
