@@ -398,13 +398,12 @@ unsafe fn tile(
     if let Some(v) = bias {
         bias16[..cols].copy_from_slice(v);
     }
-    let full = rows == MR && cols == NR;
     let mut acc = [0.0f32; MR * NR];
     #[cfg(target_arch = "x86_64")]
     if avx {
         // SAFETY: the CPU has AVX2 and FMA (checked by the caller); see above for the rest.
         unsafe {
-            if full {
+            if rows == MR && cols == NR {
                 avx2::kernel(segs, b.as_ptr(), c, ldc, &bias16, epi.alpha, epi.load, epi.relu);
                 return;
             }
