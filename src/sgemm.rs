@@ -135,24 +135,45 @@ struct Seg {
     run: usize,
 }
 
+/// A convolution row's image and the input position of its tap (0, 0).
+type Origin = (usize, isize, isize);
+
 impl<'a> Rows<'a> {
     /// Columns `[k, k + run)` of row `r` (`run` stops at the end of a convolution tap).
     fn segment(&self, r: usize, k: usize, max_run: usize) -> (&'a [f32], usize) {
         match *self {
             Rows::Dense { data, ld } => (&data[r * ld + k..r * ld + k + max_run], max_run),
-            Rows::Conv { data, ld, c0, cin, hw: [h, w], k: [_, kw], stride, pad, out: [oh, ow] } => {
-                let (tap, ci) = (k / cin, k % cin);
-                let run = (cin - ci).min(max_run);
-                let (b, oy, ox) = (r / (oh * ow), (r / ow) % oh, r % ow);
-                let iy = (oy * stride + tap / kw) as isize - pad[0] as isize;
-                let ix = (ox * stride + tap % kw) as isize - pad[1] as isize;
-                if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
-                    (&ZEROS[..run], run)
-                } else {
-                    let src = ((b * h + iy as usize) * w + ix as usize) * ld + c0 + ci;
-                    (&data[src..src + run], run)
-                }
+            Rows::Conv { .. } => {
+                let (tap, run) = self.tap(k, max_run);
+                (self.at(self.origin(r), tap, run), run)
             }
+        }
+    }
+
+    /// Convolution row `r`'s origin.
+    fn origin(&self, r: usize) -> Origin {
+        let Rows::Conv { stride, pad, out: [oh, ow], .. } = *self else { unreachable!("origin of a dense row") };
+        let (oy, ox) = ((r / ow) % oh, r % ow);
+        (r / (oh * ow), (oy * stride) as isize - pad[0] as isize, (ox * stride) as isize - pad[1] as isize)
+    }
+
+    /// Column `k` of a convolution row as `(ky, kx, ci, run)`: its tap, its first channel, and
+    /// how many columns (at most `max_run`) stay within that tap.
+    fn tap(&self, k: usize, max_run: usize) -> ([usize; 3], usize) {
+        let Rows::Conv { cin, k: [_, kw], .. } = *self else { unreachable!("tap of a dense row") };
+        let (tap, ci) = (k / cin, k % cin);
+        ([tap / kw, tap % kw, ci], (cin - ci).min(max_run))
+    }
+
+    /// `run` input values of a tap for the row at `origin` (`ZEROS` where the tap is padding).
+    fn at(&self, (b, y0, x0): Origin, [ky, kx, ci]: [usize; 3], run: usize) -> &'a [f32] {
+        let Rows::Conv { data, ld, c0, hw: [h, w], .. } = *self else { unreachable!("tap of a dense row") };
+        let (iy, ix) = (y0 + ky as isize, x0 + kx as isize);
+        if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+            &ZEROS[..run]
+        } else {
+            let src = ((b * h + iy as usize) * w + ix as usize) * ld + c0 + ci;
+            &data[src..src + run]
         }
     }
 
@@ -165,27 +186,12 @@ impl<'a> Rows<'a> {
                 let p = std::array::from_fn(|i| data[row(i) * ld + k0..row(i) * ld + k0 + kc].as_ptr());
                 out.push(Seg { p, run: kc });
             }
-            Rows::Conv { data, ld, c0, cin, hw: [h, w], k: [_, kw], stride, pad, out: [oh, ow] } => {
-                // per row: image and the input position of tap (0, 0)
-                let origin: [(usize, isize, isize); MR] = std::array::from_fn(|i| {
-                    let r = row(i);
-                    let (oy, ox) = ((r / ow) % oh, r % ow);
-                    (r / (oh * ow), (oy * stride) as isize - pad[0] as isize, (ox * stride) as isize - pad[1] as isize)
-                });
+            Rows::Conv { .. } => {
+                let origins: [Origin; MR] = std::array::from_fn(|i| self.origin(row(i)));
                 let mut kk = 0;
                 while kk < kc {
-                    let (tap, ci) = ((k0 + kk) / cin, (k0 + kk) % cin);
-                    let run = (cin - ci).min(kc - kk);
-                    let (ky, kx) = ((tap / kw) as isize, (tap % kw) as isize);
-                    let p = origin.map(|(b, y0, x0)| {
-                        let (iy, ix) = (y0 + ky, x0 + kx);
-                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
-                            ZEROS[..run].as_ptr()
-                        } else {
-                            let src = ((b * h + iy as usize) * w + ix as usize) * ld + c0 + ci;
-                            data[src..src + run].as_ptr()
-                        }
-                    });
+                    let (tap, run) = self.tap(k0 + kk, kc - kk);
+                    let p = origins.map(|o| self.at(o, tap, run).as_ptr());
                     // a tap that is padding for all six rows adds nothing: the kernel skips it
                     let p = if p.iter().all(|&q| q == ZEROS.as_ptr()) { [std::ptr::null(); MR] } else { p };
                     out.push(Seg { p, run });
@@ -271,7 +277,7 @@ fn gemm_on(avx: bool, m: usize, a: Rows<'_>, b: &PackedB, c: &mut [f32], ldc: us
             assert!(data.len() >= (m / (oh * ow)) * h * w * ld, "input too small");
         }
     }
-    let t0 = std::time::Instant::now();
+    let t0 = profiling().then(std::time::Instant::now);
     let kc = b.kc;
     let nkb = k.div_ceil(kc);
     let panels = n.div_ceil(NR);
@@ -328,7 +334,7 @@ fn gemm_on(avx: bool, m: usize, a: Rows<'_>, b: &PackedB, c: &mut [f32], ldc: us
                 let run = |p: usize, st: usize| {
                     let bp = &b.data.as_slice()[b.slice(k0, kcb, p)..][..kcb * NR];
                     let (j0, cols) = (p * NR, NR.min(n - p * NR));
-                    let bias = step.bias.map(|v| &v[j0..j0 + cols]);
+                    let epi = Epilogue { bias: step.bias.map(|v| &v[j0..j0 + cols]), ..step };
                     let rows = MR.min(r1 - r0 - st * MR);
                     let segs = &scratch.segs[scratch.starts[st]..scratch.starts[st + 1]];
                     // SAFETY: the segments' pointers are valid for their runs (they point into
@@ -336,7 +342,7 @@ fn gemm_on(avx: bool, m: usize, a: Rows<'_>, b: &PackedB, c: &mut [f32], ldc: us
                     // of this tile are inside C (asserted above) and no other task writes them.
                     unsafe {
                         let cp = out.at((r0 + st * MR) * ldc + c0 + j0);
-                        tile(avx, segs, bp, cp, ldc, rows, cols, bias, step);
+                        tile(avx, segs, bp, cp, ldc, rows, cols, epi);
                     }
                 };
                 if p1 - p0 <= FEW_PANELS {
@@ -354,7 +360,7 @@ fn gemm_on(avx: bool, m: usize, a: Rows<'_>, b: &PackedB, c: &mut [f32], ldc: us
     } else {
         (0..mtiles * nchunks).into_par_iter().for_each(task);
     }
-    if profiling() {
+    if let Some(t0) = t0 {
         let conv = matches!(a, Rows::Conv { .. });
         eprintln!("gemm m={m} k={k} n={n} conv={} ms={:.4}", conv as u8, t0.elapsed().as_secs_f64() * 1e3);
     }
@@ -381,7 +387,8 @@ fn has_avx2_fma() -> bool {
 ///
 /// # Safety
 /// Every segment's pointers are valid for `run` floats and the runs add up to `b.len() / 16`;
-/// `c` points at a `rows x cols` region with row stride `ldc` that nobody else touches.
+/// `c` points at a `rows x cols` region with row stride `ldc` that nobody else touches; the
+/// epilogue's bias (if any) holds this tile's `cols` values.
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile(
     avx: bool,
@@ -391,11 +398,10 @@ unsafe fn tile(
     ldc: usize,
     rows: usize,
     cols: usize,
-    bias: Option<&[f32]>,
     epi: Epilogue<'_>,
 ) {
     let mut bias16 = [0.0f32; NR];
-    if let Some(v) = bias {
+    if let Some(v) = epi.bias {
         bias16[..cols].copy_from_slice(v);
     }
     let mut acc = [0.0f32; MR * NR];
@@ -641,7 +647,8 @@ mod tests {
     fn implicit_im2col_matches_explicit() {
         // 2 images 9x7, channels 3..3+cin of a wider buffer, 3x2 kernel, stride 2, pad (1, 0);
         // 5 channels are gathered first, 20 are streamed tap by tap
-        // and a 7x1 convolution, pad (3, 0), on 6-wide maps: whole strips fall on padding taps
+        // a 7x1 convolution, pad (3, 0), on 6-wide maps: whole strips fall on padding taps;
+        // and a padded 3x3 on 300 channels: taps longer than a k-block
         for (cin, h, w, kh, kw, s, pad) in
             [(5, 9, 7, 3, 2, 2, [1, 0]), (20, 9, 7, 3, 2, 2, [1, 0]), (17, 8, 6, 7, 1, 1, [3, 0])]
         {
