@@ -1,6 +1,8 @@
 //! `inception reproduce`: the experiment definitions (matched cost, the probe) and a 2-step run
 //! of each experiment writing every report file.
 
+mod common;
+
 use burn::tensor::Device;
 use inception::models::{Model, ModelConfig};
 use inception::train::data::{Dataset, Transform, load_batch};
@@ -24,10 +26,7 @@ fn paired_nets_have_matched_cost() {
 }
 
 fn tiny_folder() -> std::path::PathBuf {
-    // one folder per call: the tests of this file run in parallel threads of one process
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let d = std::env::temp_dir().join(format!("inception-repro-test-{}-{id}", std::process::id()));
+    let d = common::unique_temp_dir("inception-repro-test");
     for (class, v) in [("a", 200u8), ("b", 40u8)] {
         std::fs::create_dir_all(d.join(class)).unwrap();
         for i in 0..6u8 {

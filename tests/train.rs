@@ -2,6 +2,8 @@
 //! tiny synthetic folder (with a corrupt file skipped and counted), exact resume from a
 //! checkpoint, and the multi-crop view counts.
 
+mod common;
+
 use std::path::PathBuf;
 
 use burn::tensor::{Device, Tensor, TensorData};
@@ -46,10 +48,7 @@ fn schedule_is_0_045_times_0_94_every_two_epochs() {
 }
 
 fn tiny_folder() -> PathBuf {
-    // one folder per call: the tests of this file run in parallel threads of one process
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let d = std::env::temp_dir().join(format!("inception-train-test-{}-{id}", std::process::id())).join("data");
+    let d = common::unique_temp_dir("inception-train-test").join("data");
     for (class, v) in [("bright", 220u8), ("dark", 30u8)] {
         let c = d.join(class);
         std::fs::create_dir_all(&c).unwrap();

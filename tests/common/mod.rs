@@ -11,6 +11,14 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
+/// A fresh temp folder name for each call (`{prefix}-{pid}-{n}`): the tests of one file run in
+/// parallel threads of one process, so a per-process folder is shared between them.
+pub fn unique_temp_dir(prefix: &str) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!("{prefix}-{}-{n}", std::process::id()))
+}
+
 fn fnv1a32(s: &str) -> u32 {
     let mut h: u32 = 0x811C9DC5;
     for b in s.bytes() {
