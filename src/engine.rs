@@ -432,8 +432,6 @@ impl Block {
 /// A dense layer `y = x W + b`, `W` as `[din, dout]` (packed).
 #[derive(Clone, Debug)]
 struct Dense {
-    din: usize,
-    dout: usize,
     w: PackedB,
     b: Vec<f32>,
 }
@@ -451,13 +449,17 @@ impl Dense {
             }
             b = b.iter().zip(&s).zip(&shift).map(|((b, s), t)| b * s + t).collect();
         }
-        Self { din, dout, w: PackedB::new(&w, din, dout), b }
+        Self { w: PackedB::new(&w, din, dout), b }
+    }
+
+    fn dout(&self) -> usize {
+        self.w.n()
     }
 
     fn run(&self, x: &[f32], n: usize) -> Vec<f32> {
-        let mut y = vec![0.0f32; n * self.dout];
+        let mut y = vec![0.0f32; n * self.dout()];
         let epi = sgemm::Epilogue { bias: Some(&self.b), alpha: 1.0, load: false, relu: false };
-        sgemm::gemm(n, Rows::Dense { data: x, ld: self.din }, &self.w, &mut y, self.dout, 0, epi);
+        sgemm::gemm(n, Rows::Dense { data: x, ld: self.w.k() }, &self.w, &mut y, self.dout(), 0, epi);
         y
     }
 }
@@ -592,7 +594,7 @@ impl Engine {
     }
 
     pub fn num_classes(&self) -> usize {
-        self.classifier.as_ref().map_or(0, |d| d.dout)
+        self.classifier.as_ref().map_or(0, |d| d.dout())
     }
 
     /// Trunk, calling `tap(stage, &output)` at each `feature_info` stage end.
@@ -626,7 +628,7 @@ impl Engine {
             out.iter_mut().for_each(|o| *o /= hw as f32);
         }
         match &self.bottleneck {
-            Some(d) => (d.run(&pooled, f.n), d.dout),
+            Some(d) => (d.run(&pooled, f.n), d.dout()),
             None => (pooled, f.c),
         }
     }
@@ -634,7 +636,7 @@ impl Engine {
     /// Classifier on pre-logits (identity when the model has none).
     pub fn logits(&self, pre: &[f32], n: usize) -> (Vec<f32>, usize) {
         match &self.classifier {
-            Some(d) => (d.run(pre, n), d.dout),
+            Some(d) => (d.run(pre, n), d.dout()),
             None => (pre.to_vec(), pre.len() / n.max(1)),
         }
     }
