@@ -9,12 +9,9 @@ pub enum Error {
     #[error("unknown model '{name}' (known: {known})")]
     UnknownModel { name: String, known: String },
 
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The OS error is part of the message (not a `source`), so it is printed once.
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
 
     #[error("{path}: not a valid safetensors file: {reason}")]
     Safetensors { path: PathBuf, reason: String },
@@ -47,10 +44,35 @@ pub enum Error {
 /// One offending key of a weight file.
 #[derive(Debug, Clone, PartialEq)]
 pub enum KeyProblem {
-    Missing { key: String, expected: Vec<usize> },
-    Unexpected { key: String, found: Vec<usize> },
-    Shape { key: String, expected: Vec<usize>, found: Vec<usize> },
-    Dtype { key: String, dtype: String },
+    Missing {
+        key: String,
+        expected: Vec<usize>,
+    },
+    Unexpected {
+        key: String,
+        found: Vec<usize>,
+    },
+    Shape {
+        key: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    Dtype {
+        key: String,
+        dtype: String,
+    },
+    /// NaN or infinite values (`count` of them, the first at flat index `first`).
+    NonFinite {
+        key: String,
+        count: usize,
+        first: usize,
+    },
+    /// A BatchNorm `running_var` with a negative entry.
+    NegativeVariance {
+        key: String,
+        value: f32,
+        index: usize,
+    },
 }
 
 impl fmt::Display for KeyProblem {
@@ -62,6 +84,12 @@ impl fmt::Display for KeyProblem {
                 write!(f, "shape      {key}: expected {expected:?}, found {found:?}")
             }
             KeyProblem::Dtype { key, dtype } => write!(f, "dtype      {key}: {dtype} is not a float type"),
+            KeyProblem::NonFinite { key, count, first } => {
+                write!(f, "non-finite {key}: {count} NaN/inf value(s), first at index {first}")
+            }
+            KeyProblem::NegativeVariance { key, value, index } => {
+                write!(f, "negative   {key}: variance {value} at index {index}")
+            }
         }
     }
 }

@@ -26,7 +26,7 @@ pub struct Summary {
 }
 
 /// Smallest input every network accepts (three stride-2 VALID reductions after the stem).
-pub const MIN_INPUT: usize = 75;
+pub use crate::preprocess::MIN_INPUT;
 
 pub fn summarize(model: &Model, size: usize, device: &Device) -> Result<Summary> {
     if size < MIN_INPUT {

@@ -151,7 +151,7 @@ fn to_f32(view: &safetensors::tensor::TensorView<'_>) -> Option<Vec<f32>> {
 
 /// Read a whole safetensors file; header and offsets are validated by the `safetensors` crate.
 pub fn read_file(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })
+    std::fs::read(path).map_err(|err| Error::Io { path: path.to_path_buf(), err })
 }
 
 pub fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>> {
@@ -169,6 +169,22 @@ pub fn tensor_f32(path: &Path, st: &SafeTensors<'_>, key: &str) -> Result<FileTe
         ))
     })?;
     Ok(FileTensor { shape: view.shape().to_vec(), data })
+}
+
+/// NaN / inf anywhere, or a negative BatchNorm variance: such a file would load and then
+/// predict garbage (NaN vanishes at the first ReLU of the fast engine).
+pub fn value_problem(key: &str, data: &[f32]) -> Option<KeyProblem> {
+    let count = data.iter().filter(|v| !v.is_finite()).count();
+    if count > 0 {
+        let first = data.iter().position(|v| !v.is_finite()).unwrap_or(0);
+        return Some(KeyProblem::NonFinite { key: key.to_string(), count, first });
+    }
+    if key.ends_with("running_var")
+        && let Some(index) = data.iter().position(|v| *v < 0.0)
+    {
+        return Some(KeyProblem::NegativeVariance { key: key.to_string(), value: data[index], index });
+    }
+    None
 }
 
 /// Check a file against the model strictly: every problem is collected into one error.
@@ -192,6 +208,9 @@ fn check(model: &Model, path: &Path, st: &SafeTensors<'_>, opts: &LoadOptions) -
                         found: view.shape().to_vec(),
                     });
                 } else if let Some(data) = to_f32(&view) {
+                    if let Some(p) = value_problem(key, &data) {
+                        problems.push(p);
+                    }
                     tensors.insert(key.clone(), FileTensor { shape: exp.clone(), data });
                 } else {
                     problems.push(KeyProblem::Dtype { key: key.clone(), dtype: format!("{:?}", view.dtype()) });
@@ -325,19 +344,103 @@ fn bytemuck_f32(data: &[f32]) -> &[u8] {
 }
 
 /// Write bytes to `path` via a temporary file in the same directory and a rename, so a crash
-/// never leaves a half-written file under the final name.
+/// never leaves a half-written file under the final name. The temporary file is removed on
+/// every error path; ones left by killed processes (dead pid) are swept first.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let io = |source| Error::Io { path: path.to_path_buf(), source };
+    let io = |err| Error::Io { path: path.to_path_buf(), err };
+    if path.is_dir() {
+        return Err(Error::Invalid(format!("{} is a folder; give a file name", path.display())));
+    }
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io)?;
     let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "out".into());
+    sweep_stale_temps(dir);
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io)
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(io)
+}
+
+/// Is process `pid` alive? (Linux: `/proc/PID`; elsewhere assumed alive.)
+pub fn pid_alive(pid: u32) -> bool {
+    if !Path::new("/proc/self").exists() {
+        return true;
+    }
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Remove `.NAME.PID.tmp` files in `dir` whose writer is no longer running.
+pub fn sweep_stale_temps(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let n = e.file_name().to_string_lossy().to_string();
+        let Some(stem) = n.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) else { continue };
+        let Some(pid) = stem.rsplit('.').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if pid != std::process::id() && !pid_alive(pid) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// An exclusive claim on a folder (`.lock` holding our pid), released on drop. A lock whose
+/// holder is no longer running is taken over.
+pub struct DirLock {
+    path: std::path::PathBuf,
+}
+
+impl DirLock {
+    pub fn acquire(dir: &Path) -> Result<Self> {
+        use std::io::Write;
+        let path = dir.join(".lock");
+        for _ in 0..3 {
+            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(mut f) => {
+                    let _ = writeln!(f, "{}", std::process::id());
+                    let _ = f.sync_all();
+                    return Ok(Self { path });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let holder = std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse::<u32>().ok());
+                    match holder {
+                        Some(pid) if pid != std::process::id() && pid_alive(pid) => {
+                            return Err(Error::Invalid(format!(
+                                "{} is in use by another run (pid {pid}); wait for it or use another --out",
+                                dir.display()
+                            )));
+                        }
+                        // dead holder, or a lock being written right now: take over / retry
+                        _ => {
+                            if holder.is_some() {
+                                let _ = std::fs::remove_file(&path);
+                            } else {
+                                std::thread::sleep(std::time::Duration::from_millis(50));
+                                if std::fs::read_to_string(&path).map(|s| s.trim().is_empty()).unwrap_or(false) {
+                                    let _ = std::fs::remove_file(&path);
+                                }
+                            }
+                        }
+                    }
+                }
+                Err(err) => return Err(Error::Io { path, err }),
+            }
+        }
+        Err(Error::Invalid(format!("{}: could not take the run lock", dir.display())))
+    }
+}
+
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// The JSON header of a safetensors file, read without its tensor data (the full validation
@@ -345,7 +448,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 pub fn read_header(path: &Path) -> Result<serde_json::Map<String, serde_json::Value>> {
     use std::io::Read;
     let bad = |reason: String| Error::Safetensors { path: path.to_path_buf(), reason };
-    let mut f = std::fs::File::open(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    let mut f = std::fs::File::open(path).map_err(|err| Error::Io { path: path.to_path_buf(), err })?;
     let mut len = [0u8; 8];
     f.read_exact(&mut len).map_err(|e| bad(format!("no header length: {e}")))?;
     let n = u64::from_le_bytes(len);
@@ -375,16 +478,13 @@ pub fn header_shape(path: &Path, key: &str) -> Result<Option<Vec<usize>>> {
 
 /// The `ModelConfig` a file was saved with by `save_model` (`None` for foreign files).
 pub fn read_config(path: &Path) -> Result<Option<crate::models::ModelConfig>> {
-    let Some(cfg) = read_metadata_entry(path, "inception_config")? else { return Ok(None) };
-    serde_json::from_str(&cfg)
-        .map(Some)
-        .map_err(|e| Error::Invalid(format!("{}: bad inception_config metadata: {e}", path.display())))
+    Ok(crate::bundle::describe_header(path, &read_header(path)?)?.config)
 }
 
 /// Save the model's weights with the reference key names (loadable by timm / facenet-pytorch
-/// `load_state_dict(strict=False)` and by `load`), with the model config as metadata.
-pub fn save_model(model: &Model, path: &Path) -> Result<()> {
-    let cfg = serde_json::to_string(&model.config()).map_err(|e| Error::Invalid(e.to_string()))?;
-    let meta = HashMap::from([("inception_config".to_string(), cfg), ("format".to_string(), "pt".to_string())]);
+/// `load_state_dict(strict=False)` and by `load`), described by its config, preprocessing and
+/// class names in the metadata (see `bundle`).
+pub fn save_model(model: &Model, path: &Path, pre: &crate::preprocess::Preprocess, classes: &[String]) -> Result<()> {
+    let meta = crate::bundle::metadata(&model.config(), pre, classes);
     save_tensors(path, &export_tensors(model), Some(meta))
 }

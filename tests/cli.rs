@@ -35,7 +35,7 @@ fn model_file() -> &'static Path {
     P.get_or_init(|| {
         let m = Model::new(&ModelConfig::new(ModelKind::InceptionResnetV1, 1000), &Device::flex());
         let p = dir().join("v1.safetensors");
-        weights::save_model(&m, &p).unwrap();
+        weights::save_model(&m, &p, &ModelKind::InceptionResnetV1.pretrained().pre, &[]).unwrap();
         p
     })
 }
@@ -61,7 +61,7 @@ fn summary_prints_totals() {
     assert_eq!(v["total_macs"], 12_253_974_624u64);
     let o = run(&["summary", "--model", "nope"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(text(&o).contains("unknown model 'nope'"));
+    assert!(text(&o).contains("'nope'") && text(&o).contains("inception_resnet_v2"), "{}", text(&o));
 }
 
 #[test]
@@ -133,9 +133,11 @@ fn classify_reports_bad_images_and_goes_on() {
     let o = run(&args);
     assert_eq!(o.status.code(), Some(1), "one image is corrupt: {}", text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v.as_array().unwrap().len(), 2);
+    let rows = v.as_array().unwrap();
+    assert_eq!(rows.len(), 3, "one row per image, the corrupt one with its error");
+    assert_eq!(rows.iter().filter(|r| r["error"].is_string()).count(), 1);
     assert_eq!(v[0]["top"].as_array().unwrap().len(), 3);
-    let p: f64 = v[0]["top"][0][2].as_f64().unwrap();
+    let p: f64 = v[0]["top"][0]["prob"].as_f64().unwrap();
     assert!(p > 0.0 && p <= 1.0);
     assert!(String::from_utf8_lossy(&o.stderr).contains("c_corrupt.jpg"));
 }
@@ -196,7 +198,7 @@ fn demo_model_classifies_the_shipped_samples_offline() {
     for (f, pred) in files.iter().zip(v.as_array().unwrap()) {
         let stem = f.file_stem().unwrap().to_string_lossy().to_string();
         let truth = names.iter().position(|n| stem.rsplit_once('_').map(|(a, _)| a) == Some(*n)).unwrap();
-        correct += (pred["top"][0][0].as_u64() == Some(truth as u64)) as usize;
+        correct += (pred["top"][0]["index"].as_u64() == Some(truth as u64)) as usize;
     }
     assert!(correct >= 8, "only {correct} of {} samples right: {}", files.len(), text(&o));
 }

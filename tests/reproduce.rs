@@ -47,8 +47,7 @@ fn the_probe_reads_the_last_feature_map() {
     let ds = Dataset::open(data.to_str().unwrap(), false).unwrap();
     let probe = zero_fraction(&m, &ds, cfg, &Device::flex());
     let idx: Vec<usize> = (0..cfg.batch.min(ds.len())).collect();
-    let b =
-        load_batch(&ds, &idx, Transform::Eval { size: cfg.size, crop_pct: cfg.crop_pct }, 0, &Device::flex()).unwrap();
+    let b = load_batch(&ds, &idx, &Transform::Eval(cfg.preprocess()), 0, &Device::flex()).unwrap();
     let f: Vec<f32> = m.forward_features(b.images).into_data().convert::<f32>().try_into_vec().unwrap();
     let manual = f.iter().filter(|v| **v == 0.0).count() as f64 / f.len() as f64;
     assert!((probe - manual).abs() < 1e-12, "{probe} vs {manual}");

@@ -144,9 +144,10 @@ fn resume_from_a_checkpoint_gives_the_same_next_steps() {
 fn eval_crop_counts_are_exact() {
     let img = image::RgbImage::from_pixel(120, 90, image::Rgb([1, 2, 3]));
     for (n, want) in [(1, 1), (12, 12), (144, 144)] {
-        let v = multi_crops(&img, 75, n);
+        let pre = inception::Preprocess { input_size: 75, ..inception::Preprocess::inception(75, 0.875) };
+        let v = multi_crops(&img, &pre, n);
         assert_eq!(v.len(), want);
-        assert!(v.iter().all(|c| c.dimensions() == (75, 75)));
+        assert!(v.iter().all(|c| c.len() == 3 * 75 * 75));
     }
 }
 
@@ -166,7 +167,7 @@ fn fine_tuning_replaces_the_classifier_and_keeps_frozen_stages() {
     let base =
         Model::new(&ModelConfig { width: 0.1, ..ModelConfig::new(ModelKind::InceptionResnetV1, 5) }, &Device::flex());
     let base_path = root.join("base.safetensors");
-    weights::save_model(&base, &base_path).unwrap();
+    weights::save_model(&base, &base_path, &inception::Preprocess::facenet(), &[]).unwrap();
     let mut c = tiny_config(&data);
     c.weights = Some(base_path);
     c.freeze = 2; // stem stages

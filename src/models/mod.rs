@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::layers::{add_macs, global_avg_pool};
+pub use crate::preprocess::{Interpolation, Preprocess};
 use inception_resnet::{InceptionResnet, IrConfig};
 use inception_v4::InceptionV4;
 
@@ -56,15 +57,7 @@ impl ModelKind {
             ModelKind::InceptionV4 => PretrainedCfg::imagenet("timm/inception_v4.tf_in1k", 0.875),
             ModelKind::InceptionResnetV2 => PretrainedCfg::imagenet("timm/inception_resnet_v2.tf_in1k", 0.8975),
             // facenet: aligned 160 px face crops, (x - 127.5) / 128.
-            ModelKind::InceptionResnetV1 => PretrainedCfg {
-                hub_id: None,
-                input_size: 160,
-                crop_pct: 1.0,
-                interpolation: Interpolation::Bilinear,
-                mean: [0.5; 3],
-                std: [128.0 / 255.0; 3],
-                num_classes: 0,
-            },
+            ModelKind::InceptionResnetV1 => PretrainedCfg { hub_id: None, pre: Preprocess::facenet(), num_classes: 0 },
             // no published weights: ImageNet-style preprocessing for training from scratch
             ModelKind::InceptionResnetV2Paper | ModelKind::InceptionResnetV1Paper => {
                 PretrainedCfg { hub_id: None, ..PretrainedCfg::imagenet("", 0.875) }
@@ -104,36 +97,17 @@ impl FromStr for ModelKind {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Interpolation {
-    Bicubic,
-    Bilinear,
-}
-
 /// timm's `pretrained_cfg` subset that decides preprocessing.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PretrainedCfg {
     pub hub_id: Option<String>,
-    pub input_size: usize,
-    pub crop_pct: f64,
-    pub interpolation: Interpolation,
-    pub mean: [f32; 3],
-    pub std: [f32; 3],
+    pub pre: Preprocess,
     pub num_classes: usize,
 }
 
 impl PretrainedCfg {
     fn imagenet(hub_id: &str, crop_pct: f64) -> Self {
-        Self {
-            hub_id: Some(hub_id.to_string()),
-            input_size: 299,
-            crop_pct,
-            interpolation: Interpolation::Bicubic,
-            mean: [0.5; 3],
-            std: [0.5; 3],
-            num_classes: 1000,
-        }
+        Self { hub_id: Some(hub_id.to_string()), pre: Preprocess::inception(299, crop_pct), num_classes: 1000 }
     }
 }
 

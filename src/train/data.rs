@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use image::RgbImage;
-use image::imageops::{self, FilterType};
+use image::imageops;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::preprocess::{is_image_path, load_rgb};
+use crate::preprocess::{self, Preprocess, is_image_path, load_rgb};
 
 /// Folder holding the Debian package `dataset-fashion-mnist`.
 pub const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
@@ -66,11 +66,9 @@ pub struct Dataset {
 }
 
 fn gunzip(path: &Path) -> Result<Vec<u8>> {
-    let f = std::fs::File::open(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    let f = std::fs::File::open(path).map_err(|err| Error::Io { path: path.to_path_buf(), err })?;
     let mut out = Vec::new();
-    flate2::read::GzDecoder::new(f)
-        .read_to_end(&mut out)
-        .map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    flate2::read::GzDecoder::new(f).read_to_end(&mut out).map_err(|err| Error::Io { path: path.to_path_buf(), err })?;
     Ok(out)
 }
 
@@ -96,6 +94,11 @@ fn read_idx(images: &Path, labels: &Path) -> Result<(usize, Vec<u8>, Vec<usize>)
     Ok((h, im[16..].to_vec(), lb[8..].iter().map(|&l| l as usize).collect()))
 }
 
+/// Is `source` Fashion-MNIST (by name or an idx folder)?
+pub fn is_fashion_mnist(source: &str) -> bool {
+    source.contains("fashion") || Path::new(source).join("train-images-idx3-ubyte.gz").exists()
+}
+
 impl Dataset {
     /// Fashion-MNIST from `dir` (`train-*` or `t10k-*` idx files).
     pub fn fashion_mnist(dir: &Path, train: bool) -> Result<Self> {
@@ -113,7 +116,7 @@ impl Dataset {
     /// An image folder: one subfolder per class (sorted names = class indices), images found
     /// recursively inside each. Files that fail to decode are skipped later, when loaded.
     pub fn folder(root: &Path) -> Result<Self> {
-        let rd = std::fs::read_dir(root).map_err(|source| Error::Io { path: root.to_path_buf(), source })?;
+        let rd = std::fs::read_dir(root).map_err(|err| Error::Io { path: root.to_path_buf(), err })?;
         let mut classes: Vec<String> =
             rd.flatten().filter(|e| e.path().is_dir()).map(|e| e.file_name().to_string_lossy().to_string()).collect();
         classes.sort();
@@ -150,10 +153,10 @@ impl Dataset {
         }
         let root = Path::new(source);
         if !root.exists() {
-            return Err(Error::Io {
-                path: root.to_path_buf(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "dataset folder not found"),
-            });
+            return Err(Error::Invalid(format!(
+                "{}: dataset not found (give `fashion-mnist`, an idx folder or an image folder)",
+                root.display()
+            )));
         }
         if root.join("train-images-idx3-ubyte.gz").exists() {
             return Self::fashion_mnist(root, train);
@@ -197,114 +200,109 @@ impl Dataset {
     }
 }
 
-/// How images become tensors.
-#[derive(Clone, Copy, Debug)]
+/// How images become tensors; both variants normalise and resample as `pre` says.
+#[derive(Clone, Debug)]
 pub enum Transform {
-    /// Random resized crop (area fraction in `[min_area, 1]`, aspect in `[3/4, 4/3]`) + flip.
-    Train { size: usize, min_area: f64 },
-    /// Resize the shorter side to `size / crop_pct`, center crop `size`.
-    Eval { size: usize, crop_pct: f64 },
+    /// Random resized crop (area fraction in `[min_area, 1]`, aspect in `[3/4, 4/3]`) to
+    /// `pre.input_size` + horizontal flip.
+    Train { pre: Preprocess, min_area: f64 },
+    /// The eval transform (`Preprocess::apply`): resize, center crop.
+    Eval(Preprocess),
 }
 
-fn resize(img: &RgbImage, w: u32, h: u32) -> RgbImage {
-    imageops::resize(img, w, h, FilterType::Triangle)
-}
-
-/// CHW in [-1, 1] (mean = std = 0.5).
-pub fn to_chw(img: &RgbImage) -> Vec<f32> {
-    let (w, h) = img.dimensions();
-    let n = (w * h) as usize;
-    let mut out = vec![0f32; 3 * n];
-    for (i, p) in img.pixels().enumerate() {
-        for c in 0..3 {
-            out[c * n + i] = p[c] as f32 / 127.5 - 1.0;
+impl Transform {
+    pub fn pre(&self) -> &Preprocess {
+        match self {
+            Transform::Train { pre, .. } | Transform::Eval(pre) => pre,
         }
+    }
+
+    /// The normalised CHW tensor of one image.
+    pub fn apply(&self, img: &RgbImage, rng: &mut SplitMix) -> Vec<f32> {
+        match self {
+            Transform::Eval(pre) => pre.apply(img),
+            Transform::Train { pre, min_area } => {
+                let gray;
+                let img = if pre.grayscale {
+                    gray = preprocess::to_gray_rgb(img);
+                    &gray
+                } else {
+                    img
+                };
+                let view = random_resized_crop(img, pre, *min_area, rng);
+                preprocess::to_tensor(&view, pre.mean, pre.std)
+            }
+        }
+    }
+}
+
+fn random_resized_crop(img: &RgbImage, pre: &Preprocess, min_area: f64, rng: &mut SplitMix) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let area = (w * h) as f64;
+    let mut crop = (0, 0, w, h);
+    for _ in 0..10 {
+        let a = area * (min_area + (1.0 - min_area) * rng.uniform());
+        let ratio = ((3.0f64 / 4.0).ln() + rng.uniform() * ((4.0f64 / 3.0).ln() - (3.0f64 / 4.0).ln())).exp();
+        let cw = (a * ratio).sqrt().round() as u32;
+        let chh = (a / ratio).sqrt().round() as u32;
+        if cw >= 1 && chh >= 1 && cw <= w && chh <= h {
+            let x = (rng.uniform() * (w - cw + 1) as f64) as u32;
+            let y = (rng.uniform() * (h - chh + 1) as f64) as u32;
+            crop = (x.min(w - cw), y.min(h - chh), cw, chh);
+            break;
+        }
+    }
+    let c = imageops::crop_imm(img, crop.0, crop.1, crop.2, crop.3).to_image();
+    let s = pre.input_size as u32;
+    let mut out = preprocess::resize(&c, s, s, pre.interpolation);
+    if rng.uniform() < 0.5 {
+        imageops::flip_horizontal_in_place(&mut out);
     }
     out
 }
 
-pub fn apply(img: &RgbImage, t: Transform, rng: &mut SplitMix) -> RgbImage {
-    let (w, h) = img.dimensions();
-    match t {
-        Transform::Train { size, min_area } => {
-            let area = (w * h) as f64;
-            let mut crop = (0, 0, w, h);
-            for _ in 0..10 {
-                let a = area * (min_area + (1.0 - min_area) * rng.uniform());
-                let ratio = ((3.0f64 / 4.0).ln() + rng.uniform() * ((4.0f64 / 3.0).ln() - (3.0f64 / 4.0).ln())).exp();
-                let cw = (a * ratio).sqrt().round() as u32;
-                let chh = (a / ratio).sqrt().round() as u32;
-                if cw >= 1 && chh >= 1 && cw <= w && chh <= h {
-                    let x = (rng.uniform() * (w - cw + 1) as f64) as u32;
-                    let y = (rng.uniform() * (h - chh + 1) as f64) as u32;
-                    crop = (x.min(w - cw), y.min(h - chh), cw, chh);
-                    break;
-                }
-            }
-            let c = imageops::crop_imm(img, crop.0, crop.1, crop.2, crop.3).to_image();
-            let mut out = resize(&c, size as u32, size as u32);
-            if rng.uniform() < 0.5 {
-                imageops::flip_horizontal_in_place(&mut out);
-            }
-            out
-        }
-        Transform::Eval { size, crop_pct } => center_crop(img, size, crop_pct),
-    }
-}
-
-fn center_crop(img: &RgbImage, size: usize, crop_pct: f64) -> RgbImage {
-    let (w, h) = img.dimensions();
-    let short = ((size as f64) / crop_pct).round().max(size as f64) as u32;
-    let (nw, nh) = if w <= h {
-        (short, ((h as f64 * short as f64 / w as f64).round() as u32).max(short))
-    } else {
-        (((w as f64 * short as f64 / h as f64).round() as u32).max(short), short)
-    };
-    let r = resize(img, nw, nh);
-    let s = size as u32;
-    imageops::crop_imm(&r, (nw - s) / 2, (nh - s) / 2, s, s).to_image()
-}
-
-/// The multi-crop evaluation views of one image, each `size x size`.
+/// The multi-crop evaluation views of one image, each `pre.input_size` square, normalised.
 ///
-/// - 1: the eval center crop.
+/// - 1: the eval center crop (`Preprocess::apply`).
 /// - 12: one scale (shorter side `size / 0.875`), the 4 corner crops, the center crop and the
 ///   whole image resized, each also mirrored.
 /// - 144 (GoogLeNet, Szegedy et al. 2015, used by the paper): 4 scales (shorter side
 ///   256/224, 288/224, 320/224, 352/224 of `size`) x 3 squares (left/center/right, or
 ///   top/center/bottom) x 6 views (4 corners, center, the square resized) x 2 mirrors.
-pub fn multi_crops(img: &RgbImage, size: usize, crops: usize) -> Vec<RgbImage> {
+pub fn multi_crops(img: &RgbImage, pre: &Preprocess, crops: usize) -> Vec<Vec<f32>> {
+    if crops <= 1 {
+        return vec![pre.apply(img)];
+    }
+    let gray;
+    let img = if pre.grayscale {
+        gray = preprocess::to_gray_rgb(img);
+        &gray
+    } else {
+        img
+    };
+    let size = pre.input_size;
     let s = size as u32;
+    let f = pre.interpolation;
     let six = |sq: &RgbImage| -> Vec<RgbImage> {
         let (w, h) = sq.dimensions();
-        let mut v: Vec<RgbImage> = [(0, 0), (w - s, 0), (0, h - s), (w - s, h - s), ((w - s) / 2, (h - s) / 2)]
+        let (cx, cy) = preprocess::center_crop_origin(w, h, s, s);
+        let mut v: Vec<RgbImage> = [(0, 0), (w - s, 0), (0, h - s), (w - s, h - s), (cx as u32, cy as u32)]
             .iter()
             .map(|&(x, y)| imageops::crop_imm(sq, x, y, s, s).to_image())
             .collect();
-        v.push(resize(sq, s, s));
+        v.push(preprocess::resize(sq, s, s, f));
         v
     };
     let with_mirrors = |v: Vec<RgbImage>| -> Vec<RgbImage> {
         let mirrored: Vec<RgbImage> = v.iter().map(imageops::flip_horizontal).collect();
         v.into_iter().chain(mirrored).collect()
     };
-    let scaled = |short: u32| -> RgbImage {
-        let (w, h) = img.dimensions();
-        if w <= h {
-            resize(img, short, ((h as f64 * short as f64 / w as f64).round() as u32).max(short))
-        } else {
-            resize(img, ((w as f64 * short as f64 / h as f64).round() as u32).max(short), short)
-        }
-    };
-    match crops {
-        12 => {
-            let r = scaled(((size as f64) / 0.875).round() as u32);
-            with_mirrors(six(&r))
-        }
-        144 => {
+    let views = match crops {
+        12 => with_mirrors(six(&preprocess::resize_to_shorter(img, preprocess::scale_size(size, 0.875), f))),
+        _ => {
             let mut out = Vec::with_capacity(144);
             for num in [256u32, 288, 320, 352] {
-                let r = scaled((size as u32 * num).div_ceil(224));
+                let r = preprocess::resize_to_shorter(img, (s * num).div_ceil(224), f);
                 let (w, h) = r.dimensions();
                 let side = w.min(h);
                 let squares: Vec<(u32, u32)> = if w >= h {
@@ -319,8 +317,8 @@ pub fn multi_crops(img: &RgbImage, size: usize, crops: usize) -> Vec<RgbImage> {
             }
             out
         }
-        _ => vec![center_crop(img, size, 0.875)],
-    }
+    };
+    views.iter().map(|v| preprocess::to_tensor(v, pre.mean, pre.std)).collect()
 }
 
 /// A decoded batch: `[B, 3, S, S]` and labels, plus the items that could not be read.
@@ -336,16 +334,14 @@ type Loaded = std::result::Result<(Vec<f32>, usize), (String, String)>;
 
 /// Decode and transform `indices` in parallel; unreadable items are skipped and reported.
 /// Augmentation draws from `SplitMix(seed ^ index)`, so a batch is reproducible.
-pub fn load_batch(ds: &Dataset, indices: &[usize], t: Transform, seed: u64, device: &Device) -> Option<Batch> {
-    let size = match t {
-        Transform::Train { size, .. } | Transform::Eval { size, .. } => size,
-    };
+pub fn load_batch(ds: &Dataset, indices: &[usize], t: &Transform, seed: u64, device: &Device) -> Option<Batch> {
+    let size = t.pre().input_size;
     let results: Vec<Loaded> = indices
         .par_iter()
         .map(|&i| {
             let img = ds.image(i).map_err(|e| (ds.path(i), e.to_string()))?;
             let mut rng = SplitMix::new(seed ^ (i as u64).wrapping_mul(0xD1B54A32D192ED03));
-            Ok((to_chw(&apply(&img, t, &mut rng)), ds.labels[i]))
+            Ok((t.apply(&img, &mut rng), ds.labels[i]))
         })
         .collect();
     let mut data = Vec::new();

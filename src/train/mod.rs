@@ -21,8 +21,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::models::{Model, ModelConfig, ModelKind, stage_of_key};
 use crate::predict::{EngineKind, Predictor, softmax};
+use crate::preprocess::{Interpolation, Preprocess};
 use crate::weights::{self, LoadOptions};
-use data::{Dataset, SplitMix, Transform, load_batch, multi_crops, to_chw};
+use data::{Dataset, SplitMix, Transform, load_batch, multi_crops};
 use optim::{OptimConfig, OptimState};
 
 /// Everything a run is built from; written to `RUN_DIR/config.json`.
@@ -60,10 +61,17 @@ pub struct TrainConfig {
     /// Train on a fixed random subset of this many images (quick experiments).
     #[serde(default)]
     pub train_limit: Option<usize>,
+    /// Resampling filter of augmentation and evaluation.
+    #[serde(default = "bilinear")]
+    pub interpolation: Interpolation,
 }
 
 fn one_device() -> usize {
     1
+}
+
+fn bilinear() -> Interpolation {
+    Interpolation::Bilinear
 }
 
 impl TrainConfig {
@@ -89,12 +97,185 @@ impl TrainConfig {
             freeze: 0,
             devices: 1,
             train_limit: None,
+            interpolation: Interpolation::Bilinear,
+        }
+    }
+
+    /// The preprocessing of this run (evaluation, export): `size`, `crop_pct`, mean = std =
+    /// 0.5; grayscale when trained on Fashion-MNIST.
+    pub fn preprocess(&self) -> Preprocess {
+        Preprocess {
+            input_size: self.size,
+            crop_pct: self.crop_pct,
+            interpolation: self.interpolation,
+            mean: [0.5; 3],
+            std: [0.5; 3],
+            grayscale: data::is_fashion_mnist(&self.data),
         }
     }
 
     /// Staircase schedule: `lr * lr_decay ^ floor(epoch / lr_decay_epochs)`.
     pub fn lr_at(&self, epoch: usize) -> f64 {
         self.lr * self.lr_decay.powf((epoch as f64 / self.lr_decay_epochs).floor())
+    }
+}
+
+impl TrainConfig {
+    /// Every value in range, or an error naming the first that is not.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &str, v: String, range: &str| Err(Error::Invalid(format!("{what} = {v} is outside {range}")));
+        crate::preprocess::check_size(self.size)?;
+        if self.batch == 0 {
+            return bad("batch", self.batch.to_string(), "[1, inf)");
+        }
+        if self.epochs == 0 {
+            return bad("epochs", self.epochs.to_string(), "[1, inf)");
+        }
+        if !(self.model.width.is_finite() && self.model.width > 0.0 && self.model.width <= 4.0) {
+            return bad("width", self.model.width.to_string(), "(0, 4]");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("lr", self.lr.to_string(), "(0, inf)");
+        }
+        if !(self.crop_pct.is_finite() && self.crop_pct > 0.0 && self.crop_pct <= 1.0) {
+            return bad("crop_pct", self.crop_pct.to_string(), "(0, 1]");
+        }
+        if !(self.min_area.is_finite() && self.min_area > 0.0 && self.min_area <= 1.0) {
+            return bad("min_area", self.min_area.to_string(), "(0, 1]");
+        }
+        if !(self.label_smoothing.is_finite() && (0.0..1.0).contains(&self.label_smoothing)) {
+            return bad("label_smoothing", self.label_smoothing.to_string(), "[0, 1)");
+        }
+        if !(self.lr_decay.is_finite()
+            && self.lr_decay > 0.0
+            && self.lr_decay_epochs.is_finite()
+            && self.lr_decay_epochs > 0.0)
+        {
+            return bad(
+                "lr_decay / lr_decay_epochs",
+                format!("{} / {}", self.lr_decay, self.lr_decay_epochs),
+                "(0, inf)",
+            );
+        }
+        if self.devices == 0 || self.devices > 64 {
+            return bad("devices", self.devices.to_string(), "[1, 64]");
+        }
+        if self.model.model == ModelKind::InceptionV4 && self.model.width != 1.0 {
+            return Err(Error::Invalid("--width applies to the Inception-ResNet models only".into()));
+        }
+        let o = &self.optim;
+        if ![o.rho, o.momentum, o.epsilon, o.weight_decay, o.ema_decay].iter().all(|v| v.is_finite() && *v >= 0.0)
+            || o.clip_norm.is_some_and(|c| !(c.is_finite() && c > 0.0))
+        {
+            return Err(Error::Invalid(format!("optimizer settings out of range: {o:?}")));
+        }
+        crate::bench::check_memory(self.model.model, self.batch, self.size, true)
+    }
+}
+
+/// Training flags as given on the command line; `None` keeps the config's value.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct TrainFlags {
+    /// Network to train.
+    #[arg(long, value_parser = crate::args::model())]
+    pub model: Option<ModelKind>,
+    /// `fashion-mnist`, an idx folder, or an image folder (class subfolders; or train/ + val/).
+    #[arg(long)]
+    pub data: Option<String>,
+    /// JSON file with a full TrainConfig; flags given here override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Epochs to train (>= 1).
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000))]
+    pub epochs: Option<usize>,
+    /// Images per step (>= 1).
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
+    pub batch: Option<usize>,
+    /// Input size in pixels (75 to 2048).
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(75..=2048))]
+    pub size: Option<usize>,
+    /// Channel multiplier of the Inception-ResNet models, in (0, 4].
+    #[arg(long, value_parser = crate::args::width)]
+    pub width: Option<f64>,
+    /// Initial learning rate (> 0; the paper: 0.045).
+    #[arg(long, value_parser = crate::args::positive)]
+    pub lr: Option<f64>,
+    /// Initial weights for fine-tuning (reference key names); the classifier is replaced.
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Keep the first N feature stages fixed (with --weights).
+    #[arg(long)]
+    pub freeze: Option<usize>,
+    /// Seed of initialisation, data order, augmentation and dropout.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop each epoch after N steps (quick runs).
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_steps: Option<usize>,
+    /// Evaluate on at most N images after each epoch.
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub eval_limit: Option<usize>,
+    /// Also write a checkpoint every N steps.
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub checkpoint_every: Option<usize>,
+    /// Data-parallel replicas of --device (GPU 0..N-1; on the CPU, N shards of each batch).
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
+    pub devices: Option<usize>,
+    /// Continue from OUT/checkpoint.safetensors.
+    #[arg(long)]
+    pub resume: bool,
+}
+
+impl TrainFlags {
+    /// The run's config: the saved one when resuming, else `--config` or the recipe's defaults
+    /// for `--model` / `--data`, with the given flags on top; validated.
+    pub fn resolve(&self, out: &Path) -> Result<TrainConfig> {
+        let saved = if self.resume { saved_config(out)? } else { None };
+        let mut cfg = match (&self.config, saved) {
+            (None, Some(saved)) => saved,
+            (Some(p), _) => serde_json::from_slice::<TrainConfig>(&weights::read_file(p)?)
+                .map_err(|e| Error::Invalid(format!("{}: not a train config: {e}", p.display())))?,
+            (None, None) => {
+                let data =
+                    self.data.clone().ok_or_else(|| Error::Invalid("--data is required (or --config)".into()))?;
+                let mut c = TrainConfig::new(self.model.unwrap_or(ModelKind::InceptionResnetV1), &data);
+                if data::is_fashion_mnist(&data) {
+                    // small grayscale images: the smallest input the nets take, no crop
+                    c.size = 75;
+                    c.crop_pct = 1.0;
+                    c.min_area = 0.5;
+                }
+                c
+            }
+        };
+        if let Some(m) = self.model
+            && m != cfg.model.model
+        {
+            if self.resume && out.join(CHECKPOINT).exists() {
+                return Err(Error::Invalid(format!(
+                    "--model {m} contradicts the run in {}, which trains {}",
+                    out.display(),
+                    cfg.model.model
+                )));
+            }
+            cfg.model = ModelConfig { model: m, ..cfg.model };
+        }
+        if let Some(d) = &self.data {
+            cfg.data = d.clone();
+        }
+        macro_rules! set {
+            ($($f:ident => $dst:expr),*) => {$(if let Some(v) = self.$f { $dst = v; })*};
+        }
+        set!(epochs => cfg.epochs, batch => cfg.batch, size => cfg.size, width => cfg.model.width, lr => cfg.lr,
+             freeze => cfg.freeze, seed => cfg.seed, devices => cfg.devices);
+        if self.weights.is_some() {
+            cfg.weights = self.weights.clone();
+        }
+        cfg.max_steps = self.max_steps.or(cfg.max_steps);
+        cfg.eval_limit = self.eval_limit.or(cfg.eval_limit);
+        cfg.checkpoint_every = self.checkpoint_every.or(cfg.checkpoint_every);
+        cfg.validate()?;
+        Ok(cfg)
     }
 }
 
@@ -132,6 +313,9 @@ pub struct Progress {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EvalReport {
     pub images: usize,
+    /// Images whose scores were not finite (NaN / inf): counted as wrong.
+    #[serde(default)]
+    pub non_finite: usize,
     pub crops: usize,
     pub top1: f64,
     pub top5: f64,
@@ -235,31 +419,38 @@ fn load_checkpoint(dir: &Path, device: &Device) -> Result<(TrainConfig, Model, O
     Ok((cfg, model, state, progress))
 }
 
-/// Top-1 / top-5 hits of `[n, c]` scores against labels.
-fn hits(scores: &[f32], c: usize, labels: &[usize]) -> (u64, u64) {
-    let (mut t1, mut t5) = (0, 0);
+/// Top-1 / top-5 hits of `[n, c]` scores against labels, and the rows with a non-finite score
+/// (never hits). A tie with the true class is not a hit: it must beat every other class
+/// strictly (top-1), or all but at most four (top-5).
+pub fn hits(scores: &[f32], c: usize, labels: &[usize]) -> (u64, u64, u64) {
+    let (mut t1, mut t5, mut bad) = (0, 0, 0);
     for (row, &y) in scores.chunks(c).zip(labels) {
+        if row.iter().any(|v| !v.is_finite()) || y >= row.len() {
+            bad += 1;
+            continue;
+        }
         let s = row[y];
-        let better = row.iter().filter(|&&v| v > s).count();
-        t1 += (better == 0) as u64;
-        t5 += (better < 5) as u64;
+        let rivals = row.iter().enumerate().filter(|&(j, &v)| j != y && v >= s).count();
+        t1 += (rivals == 0) as u64;
+        t5 += (rivals < 5) as u64;
     }
-    (t1, t5)
+    (t1, t5, bad)
 }
 
 /// Evaluate `p` on `ds` with 1, 12 or 144 crops per image (probabilities averaged over crops).
 pub fn evaluate(
     p: &Predictor,
     ds: &Dataset,
-    size: usize,
-    crop_pct: f64,
+    pre: &Preprocess,
     crops: usize,
     limit: Option<usize>,
     batch: usize,
+    on_batch: &mut dyn FnMut(usize),
 ) -> EvalReport {
+    let size = pre.input_size;
     let n = limit.map_or(ds.len(), |l| l.min(ds.len()));
     let c = p.num_classes();
-    let (mut t1, mut t5, mut loss, mut done, mut skipped) = (0u64, 0u64, 0f64, 0usize, 0usize);
+    let (mut t1, mut t5, mut loss, mut done, mut skipped, mut bad) = (0u64, 0u64, 0f64, 0usize, 0usize, 0u64);
     let idx: Vec<usize> = (0..n).collect();
     let per_batch = if crops <= 1 { batch.max(1) } else { 1 };
     for chunk in idx.chunks(per_batch) {
@@ -268,12 +459,7 @@ pub fn evaluate(
             .par_iter()
             .map(|&i| {
                 let img = ds.image(i).ok()?;
-                let v = if crops <= 1 {
-                    vec![to_chw(&data::apply(&img, Transform::Eval { size, crop_pct }, &mut SplitMix::new(0)))]
-                } else {
-                    multi_crops(&img, size, crops).iter().map(to_chw).collect()
-                };
-                Some((v, ds.labels[i]))
+                Some((multi_crops(&img, pre, crops), ds.labels[i]))
             })
             .collect();
         let ok: Vec<(Vec<Vec<f32>>, usize)> = views.into_iter().flatten().collect();
@@ -292,23 +478,36 @@ pub fn evaluate(
                 *acc += v / k as f32;
             }
         }
-        let (a, b) = hits(&probs, c, &labels);
+        let (a, b, nf) = hits(&probs, c, &labels);
         t1 += a;
         t5 += b;
+        bad += nf;
         for (row, &y) in probs.chunks(c).zip(&labels) {
-            loss += -(row[y].max(1e-12) as f64).ln();
+            if row.iter().all(|v| v.is_finite()) {
+                loss += -(row[y].max(1e-12) as f64).ln();
+            }
         }
         done += ok.len();
+        on_batch(chunk.len());
     }
     let d = done.max(1) as f64;
-    EvalReport { images: done, crops: crops.max(1), top1: t1 as f64 / d, top5: t5 as f64 / d, loss: loss / d, skipped }
+    let scored = (done as u64 - bad).max(1) as f64;
+    EvalReport {
+        images: done,
+        non_finite: bad as usize,
+        crops: crops.max(1),
+        top1: t1 as f64 / d,
+        top5: t5 as f64 / d,
+        loss: if bad as usize == done && done > 0 { f64::NAN } else { loss / scored },
+        skipped,
+    }
 }
 
 /// Fraction of exact zeros in the last feature map before global pooling (the tensor that
 /// "dies" in the paper's Sec. 3.3), on the first batch of `ds`.
 pub fn zero_fraction(model: &Model, ds: &Dataset, cfg: &TrainConfig, device: &Device) -> f64 {
     let idx: Vec<usize> = (0..cfg.batch.min(ds.len())).collect();
-    let Some(b) = load_batch(ds, &idx, Transform::Eval { size: cfg.size, crop_pct: cfg.crop_pct }, 0, device) else {
+    let Some(b) = load_batch(ds, &idx, &Transform::Eval(cfg.preprocess()), 0, device) else {
         return 0.0;
     };
     let f = model.forward_features(b.images);
@@ -361,28 +560,34 @@ pub fn train(
     device: &Device,
     on_step: &mut dyn FnMut(usize, usize, f64) -> bool,
 ) -> Result<TrainSummary> {
-    std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.to_path_buf(), source })?;
+    cfg.validate()?;
+    std::fs::create_dir_all(dir).map_err(|err| Error::Io { path: dir.to_path_buf(), err })?;
+    let _lock = weights::DirLock::acquire(dir)?;
+    weights::sweep_stale_temps(dir);
     let ad = device.clone().autodiff();
     let train_ds = Dataset::open(&cfg.data, true)?;
     let eval_ds = Dataset::open(&cfg.data, false)?;
+    let distinct: std::collections::BTreeSet<usize> = train_ds.labels.iter().copied().collect();
+    if distinct.len() < 2 {
+        return Err(Error::Invalid(format!(
+            "{}: {} class(es) with images; a classifier needs at least 2",
+            train_ds.name,
+            distinct.len()
+        )));
+    }
     let (cfg, mut model, mut state, mut progress) = if resume && dir.join(CHECKPOINT).exists() {
         let (saved, model, state, progress) = load_checkpoint(dir, &ad)?;
         (TrainConfig { epochs: cfg.epochs, ..saved }, model, state, progress)
     } else {
         let mut cfg = cfg;
         cfg.model.num_classes = train_ds.classes.len();
-        if cfg.model.model == ModelKind::InceptionV4 && cfg.model.width != 1.0 {
-            return Err(Error::Invalid("--width applies to the Inception-ResNet models only".into()));
-        }
         let mut model = seeded_model(&cfg.model, cfg.seed, &ad);
         if let Some(w) = &cfg.weights {
             model = weights::load(model, w, &LoadOptions { new_classifier: true })?;
         }
         (cfg, model, OptimState::default(), Progress::default())
     };
-    if cfg.size < crate::summary::MIN_INPUT {
-        return Err(Error::InputTooSmall { size: cfg.size });
-    }
+    cfg.validate()?;
     let js = serde_json::to_vec_pretty(&cfg).map_err(|e| Error::Invalid(e.to_string()))?;
     weights::write_atomic(&dir.join("config.json"), &js)?;
     // data-parallel replicas: the main device plus `devices - 1` more of the same kind
@@ -413,12 +618,18 @@ pub fn train(
         let start_seen = progress.seen;
         for s in progress.step_in_epoch..steps {
             let idx = &order[s * cfg.batch..((s + 1) * cfg.batch).min(order.len())];
-            let aug = Transform::Train { size: cfg.size, min_area: cfg.min_area };
+            let aug = Transform::Train { pre: cfg.preprocess(), min_area: cfg.min_area };
             let batch_seed = cfg.seed ^ (epoch as u64).wrapping_mul(0x9E3779B97F4A7C15);
             let shard_len = idx.len().div_ceil(replicas.len()).max(1);
+            // dropout draws from the backend's RNG: seed it per step, so a resumed run draws
+            // exactly what the uninterrupted run drew at this step
+            let step_seed = cfg.seed ^ (progress.global_step + 1).wrapping_mul(0x2545F4914F6CDD1D);
+            for d in &replicas {
+                d.seed(step_seed);
+            }
             let (mut grads, mut lv, mut scores, mut labels) = (Vec::new(), 0f64, Vec::new(), Vec::new());
             for (shard, dev) in idx.chunks(shard_len).zip(&replicas) {
-                let Some(b) = load_batch(&train_ds, shard, aug, batch_seed, dev) else {
+                let Some(b) = load_batch(&train_ds, shard, &aug, batch_seed, dev) else {
                     progress.skipped += shard.len();
                     continue;
                 };
@@ -437,20 +648,23 @@ pub fn train(
                 grads.push(GradientsParams::from_grads(loss.backward(), m).to_device(&ad, &model));
             }
             if labels.is_empty() {
+                progress.step_in_epoch = s + 1;
                 continue;
             }
             let lv = lv * idx.len() as f64 / labels.len() as f64;
             if !lv.is_finite() {
-                return Err(Error::Invalid(format!(
-                    "loss is {lv} at epoch {epoch} step {s}: stopped; the last good checkpoint is {}",
-                    dir.join(CHECKPOINT).display()
-                )));
+                let last = if dir.join(CHECKPOINT).exists() {
+                    format!("the last good checkpoint is {}", dir.join(CHECKPOINT).display())
+                } else {
+                    "no checkpoint was written yet".to_string()
+                };
+                return Err(Error::Invalid(format!("loss is {lv} at epoch {epoch} step {s}: stopped; {last}")));
             }
             let grads = optim::merge_grads(&model, grads);
             let (m, _norm) = optim::step(model, grads, &mut state, &cfg.optim, lr, &frozen);
             model = m;
             optim::update_ema(&model, &mut state, &cfg.optim);
-            let (c1, _) = hits(&scores, classes, &labels);
+            let (c1, _, _) = hits(&scores, classes, &labels);
             progress.loss_sum += lv * labels.len() as f64;
             progress.correct += c1;
             progress.seen += labels.len() as u64;
@@ -468,6 +682,12 @@ pub fn train(
                 });
             }
         }
+        if progress.seen == 0 && steps > 0 {
+            return Err(Error::Invalid(format!(
+                "no training image of {} could be read ({} skipped): nothing to train on",
+                cfg.data, progress.skipped
+            )));
+        }
         let secs = t0.elapsed().as_secs_f64();
         let eval_model = optim::ema_model(&model, &state);
         let zf = zero_fraction(&eval_model, &eval_ds, &cfg, device);
@@ -478,7 +698,7 @@ pub fn train(
             );
         }
         let p = Predictor::new(eval_model, engine_for(device), device);
-        let ev = evaluate(&p, &eval_ds, cfg.size, cfg.crop_pct, 1, cfg.eval_limit, cfg.batch.max(16));
+        let ev = evaluate(&p, &eval_ds, &cfg.preprocess(), 1, cfg.eval_limit, cfg.batch.max(16), &mut |_| {});
         let seen = (progress.seen - start_seen).max(1) as f64;
         progress.history.push(EpochMetrics {
             epoch: epoch + 1,
@@ -503,7 +723,7 @@ pub fn train(
     }
     let final_model = optim::ema_model(&model, &state);
     let model_path = dir.join("model.safetensors");
-    weights::save_model(&final_model, &model_path)?;
+    weights::save_model(&final_model, &model_path, &cfg.preprocess(), &train_ds.classes)?;
     let labels = serde_json::to_vec_pretty(&train_ds.classes).map_err(|e| Error::Invalid(e.to_string()))?;
     weights::write_atomic(&dir.join("labels.json"), &labels)?;
     Ok(TrainSummary {

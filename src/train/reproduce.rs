@@ -133,7 +133,7 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
 /// Run every arm (each into `out/<arm>_seed<k>/`) and write `results.csv`, `curves.png` and
 /// `report.md` into `out`.
 pub fn run(exp: Experiment, budget: Budget, data: &str, out: &Path, device: &Device) -> Result<PathBuf> {
-    std::fs::create_dir_all(out).map_err(|source| Error::Io { path: out.to_path_buf(), source })?;
+    std::fs::create_dir_all(out).map_err(|err| Error::Io { path: out.to_path_buf(), err })?;
     let arms = plan(exp, budget, data);
     let costs = cost(&arms);
     let mut results = Vec::new();
