@@ -96,6 +96,32 @@ pub fn guess_kind(header: &serde_json::Map<String, serde_json::Value>) -> Option
     }
 }
 
+/// The preprocessing of a model source without loading its weights: the file's description,
+/// else the registry's config of `model` (or of the model the file holds), else the demo's.
+pub fn preprocess_of(model: Option<ModelKind>, weights_path: Option<&Path>) -> Result<Preprocess> {
+    let pre = match (model, weights_path) {
+        (_, Some(path)) => {
+            let header = weights::read_header(path)?;
+            let d = describe(path)?;
+            let kind = d.config.as_ref().map(|c| c.model).or(model).or_else(|| guess_kind(&header));
+            match (d.preprocess, kind) {
+                (Some(p), _) => p,
+                (None, Some(k)) => k.pretrained().pre,
+                (None, None) => {
+                    return Err(Error::Invalid(format!(
+                        "{}: no model description and not a recognised reference checkpoint: give --model",
+                        path.display()
+                    )));
+                }
+            }
+        }
+        (Some(k), None) => k.pretrained().pre,
+        (None, None) => Bundle::demo(&Device::flex())?.pre,
+    };
+    pre.validate()?;
+    Ok(pre)
+}
+
 /// A loaded model and how to feed it.
 pub struct Bundle {
     pub model: Model,

@@ -296,9 +296,7 @@ fn run(cli: Cli) -> Result<bool> {
             Ok(r.skipped.is_empty())
         }
         Cmd::Preprocess { src, size, crop_pct, image, out } => {
-            // only the description is needed, but loading validates the file as well
-            let (b, _) = load(&src)?;
-            let mut pre = b.pre.clone();
+            let mut pre = bundle::preprocess_of(src.model, src.weights.as_deref())?;
             pre.input_size = size.unwrap_or(pre.input_size);
             pre.crop_pct = crop_pct.unwrap_or(pre.crop_pct);
             let shape = commands::preprocess_file(&pre, &image, &out)?;

@@ -202,3 +202,74 @@ fn demo_model_classifies_the_shipped_samples_offline() {
     }
     assert!(correct >= 8, "only {correct} of {} samples right: {}", files.len(), text(&o));
 }
+
+#[test]
+fn preprocess_writes_what_the_network_sees() {
+    let photo = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/preprocess/portrait_coffee.png");
+    let out = dir().join("x.safetensors");
+    let o = run(&["preprocess", "--model", "inception_v4", photo.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let bytes = std::fs::read(&out).unwrap();
+    let x = weights::tensor_f32(&out, &weights::parse(&out, &bytes).unwrap(), "input").unwrap();
+    assert_eq!(x.shape, vec![1, 3, 299, 299]);
+    let pre = ModelKind::InceptionV4.pretrained().pre;
+    assert_eq!(x.data, pre.load(&photo).unwrap());
+    // --size / --crop-pct override; out-of-range values are refused
+    let o = run(&[
+        "preprocess",
+        "--model",
+        "inception_v4",
+        "--size",
+        "80",
+        photo.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = run(&[
+        "preprocess",
+        "--model",
+        "inception_v4",
+        "--crop-pct",
+        "0",
+        photo.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+/// A model file that describes itself: 2 classes with names, 80 px, grayscale.
+fn described_model() -> PathBuf {
+    let cfg = ModelConfig { width: 0.1, ..ModelConfig::new(ModelKind::InceptionResnetV1, 2) };
+    let m = Model::new(&cfg, &Device::flex());
+    let pre = inception::Preprocess { input_size: 80, grayscale: true, ..inception::Preprocess::facenet() };
+    let p = dir().join("described.safetensors");
+    weights::save_model(&m, &p, &pre, &["cat".to_string(), "dog".to_string()]).unwrap();
+    p
+}
+
+#[test]
+fn classify_uses_the_files_own_description() {
+    let p = described_model();
+    let (_, files) = images();
+    let o = run(&["classify", "--weights", p.to_str().unwrap(), "--json", files[0].to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let names: Vec<&str> = v[0]["top"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names.len(), 2);
+    assert!(names.contains(&"cat") && names.contains(&"dog"), "{names:?}");
+    let o = run(&[
+        "preprocess",
+        "--weights",
+        p.to_str().unwrap(),
+        files[0].to_str().unwrap(),
+        "--out",
+        dir().join("d.safetensors").to_str().unwrap(),
+    ]);
+    assert!(text(&o).contains("[1, 3, 80, 80]"), "{}", text(&o));
+    // a contradicting --model names both
+    let o = run(&["classify", "--model", "inception_v4", "--weights", p.to_str().unwrap(), files[0].to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("inception_v4") && text(&o).contains("inception_resnet_v1"), "{}", text(&o));
+}
