@@ -254,11 +254,24 @@ impl ModuleMapper for Applier<'_> {
         if linear {
             shape.reverse();
         }
-        let Some(data) = (self.source)(&key, &shape) else { return param };
+        let Some(mut data) = (self.source)(&key, &shape) else { return param };
         let device = param.lazy_device();
         let id = param.id;
+        if linear {
+            // [out, in] -> [in, out], written out contiguously: a transposed view would run
+            // other kernels than the updated weights of a live run, and a resumed run must
+            // compute exactly what the uninterrupted one did
+            let (o, i) = (shape[0], shape[1]);
+            let mut t = vec![0f32; data.len()];
+            for r in 0..o {
+                for c in 0..i {
+                    t[c * o + r] = data[r * i + c];
+                }
+            }
+            data = t;
+            shape.reverse();
+        }
         let tensor = Tensor::<D>::from_data(TensorData::new(data, shape), &device);
-        let tensor = if linear { tensor.transpose() } else { tensor };
         param.transform_for_load(tensor, id)
     }
 }
@@ -311,19 +324,18 @@ impl ModuleVisitor for Exporter {
 }
 
 /// All tensors of the model under their checkpoint keys, `[out, in]` linears.
-pub fn export_tensors(model: &Model) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+pub fn export_tensors(model: &Model) -> Tensors {
     let mut e = Exporter { kind: model.kind(), tracker: PathTracker::default(), out: BTreeMap::new() };
     model.visit(&mut e);
     e.out
 }
 
+/// Named f32 tensors with their shapes, as written by `save_tensors`.
+pub type Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// Write f32 tensors to a safetensors file atomically (temp file in the same folder + rename),
 /// with string metadata (e.g. the model config as JSON).
-pub fn save_tensors(
-    path: &Path,
-    tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
-    metadata: Option<HashMap<String, String>>,
-) -> Result<()> {
+pub fn save_tensors(path: &Path, tensors: &Tensors, metadata: Option<HashMap<String, String>>) -> Result<()> {
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
         .map(|(k, (shape, data))| {

@@ -48,20 +48,7 @@ fn schedule_is_0_045_times_0_94_every_two_epochs() {
 }
 
 fn tiny_folder() -> PathBuf {
-    let d = common::unique_temp_dir("inception-train-test").join("data");
-    for (class, v) in [("bright", 220u8), ("dark", 30u8)] {
-        let c = d.join(class);
-        std::fs::create_dir_all(&c).unwrap();
-        for i in 0..12u8 {
-            let img = image::RgbImage::from_fn(40, 40, |x, y| {
-                let n = ((x as u8).wrapping_mul(7) ^ (y as u8).wrapping_mul(13) ^ i.wrapping_mul(31)) % 40;
-                image::Rgb([v.saturating_add(n), v.saturating_sub(n / 2), v])
-            });
-            img.save(c.join(format!("{i}.png"))).unwrap();
-        }
-    }
-    std::fs::write(d.join("dark").join("broken.png"), b"not a png").unwrap();
-    d
+    common::tiny_folder("inception-train-test")
 }
 
 fn tiny_config(data: &std::path::Path) -> TrainConfig {
@@ -84,6 +71,7 @@ fn a_few_steps_lower_the_loss_and_corrupt_files_are_skipped() {
     let mut c = tiny_config(&data);
     c.epochs = 3;
     c.min_area = 0.9;
+    c.lr = 0.005;
     let mut losses = Vec::new();
     let s = train(c, &run, false, &Device::flex(), &mut |_, _, l| {
         losses.push(l);
@@ -133,11 +121,17 @@ fn resume_from_a_checkpoint_gives_the_same_next_steps() {
     .unwrap();
     assert_eq!(first[..], full[..3]);
     assert_eq!(resumed.len(), full.len() - 2, "resumed at step 3");
-    // Same weights, optimizer and EMA state, schedule and data order: the losses agree to
-    // float rounding (observed <= 1e-5 relative; a freshly loaded graph sums in another order).
-    for (a, b) in resumed.iter().zip(&full[2..]) {
-        assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "resumed {resumed:?} vs full {full:?}");
-    }
+    // Same weights, optimizer and EMA state, schedule, data order and dropout draws: the
+    // resumed run is bit-identical to the uninterrupted one.
+    assert_eq!(resumed[..], full[2..], "resumed vs full");
+    let a = inception::weights::export_tensors(
+        &inception::Bundle::load(None, Some(&root.join("run_a/model.safetensors")), &Device::flex()).unwrap().model,
+    );
+    let b = inception::weights::export_tensors(
+        &inception::Bundle::load(None, Some(&dir.join("model.safetensors")), &Device::flex()).unwrap().model,
+    );
+    let differ: Vec<&String> = a.keys().filter(|k| a[*k].1 != b[*k].1).collect();
+    assert!(differ.is_empty(), "{} of {} tensors differ: {:?}", differ.len(), a.len(), &differ[..differ.len().min(5)]);
 }
 
 #[test]

@@ -343,7 +343,10 @@ fn tensor_map_to_vecs(
 /// Write the checkpoint atomically: weights, optimizer and EMA state, progress and config.
 fn save_checkpoint(dir: &Path, cfg: &TrainConfig, model: &Model, st: &OptimState, p: &Progress) -> Result<()> {
     let mut t = BTreeMap::new();
-    for (k, v) in weights::export_tensors(model) {
+    // `valid()` folds BatchNorm's pending running-statistics update into its value (burn keeps
+    // the last update aside until the next one); exporting `model` itself would save
+    // statistics one step behind and a resumed run would diverge
+    for (k, v) in weights::export_tensors(&model.valid()) {
         t.insert(format!("model.{k}"), v);
     }
     tensor_map_to_vecs(&st.ms, "ms.", &mut t);

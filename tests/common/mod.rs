@@ -19,6 +19,24 @@ pub fn unique_temp_dir(prefix: &str) -> PathBuf {
     std::env::temp_dir().join(format!("{prefix}-{}-{n}", std::process::id()))
 }
 
+/// Two classes ("bright", "dark") of 12 small synthetic PNGs each, plus one corrupt file.
+pub fn tiny_folder(prefix: &str) -> PathBuf {
+    let d = unique_temp_dir(prefix).join("data");
+    for (class, v) in [("bright", 220u8), ("dark", 30u8)] {
+        let c = d.join(class);
+        std::fs::create_dir_all(&c).unwrap();
+        for i in 0..12u8 {
+            let img = image::RgbImage::from_fn(40, 40, |x, y| {
+                let n = ((x as u8).wrapping_mul(7) ^ (y as u8).wrapping_mul(13) ^ i.wrapping_mul(31)) % 40;
+                image::Rgb([v.saturating_add(n), v.saturating_sub(n / 2), v])
+            });
+            img.save(c.join(format!("{i}.png"))).unwrap();
+        }
+    }
+    std::fs::write(d.join("dark").join("broken.png"), b"not a png").unwrap();
+    d
+}
+
 fn fnv1a32(s: &str) -> u32 {
     let mut h: u32 = 0x811C9DC5;
     for b in s.bytes() {
