@@ -410,6 +410,15 @@ fn run(cli: Cli) -> Result<bool> {
 }
 
 fn main() -> ExitCode {
+    let code = exit_code();
+    if std::env::var_os("INCEPTION_REPORT_RSS").is_some() {
+        // for scripts/reliability.py: the peak resident set of this process
+        eprintln!("peak_rss_mib={:.1}", bench::peak_rss_mb());
+    }
+    code
+}
+
+fn exit_code() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
