@@ -1,24 +1,18 @@
-//! Frozen CPU inference engine for the trained networks (the `fast` engine).
+//! Frozen CPU inference engine (the `fast` engine): an executor of blocks of convolution
+//! branches. It knows nothing of the networks; `crate::lower` builds it from a model's trunk
+//! description (folding BatchNorm into the weights there).
 //!
-//! Built from a loaded burn `Model` (consumed block by block, so weights are held once):
-//! activations are NHWC f32; BatchNorm is folded into the convolution weights and bias; every
-//! convolution is one GEMM (`crate::sgemm`, weights packed at load) over the input itself,
-//! im2col done while packing; bias + ReLU run as each tile is stored; concatenations cost nothing because
+//! Activations are NHWC f32; every convolution is one GEMM (`crate::sgemm`, weights packed at
+//! load) reading the input in place ("indirect" convolution: row pointers per kernel tap, no
+//! im2col buffer); bias + ReLU run as each tile is stored; concatenations cost nothing because
 //! each branch writes its own channel slice of the block output (GEMM row stride = total
 //! channels); the residual `x + scale * up(cat)` is the GEMM's accumulate (`dst = x + scale*AB`),
-//! in place in the block input's buffer.
-//! Parity with the burn path (and so with timm / facenet) is tested like the burn path.
+//! in place in the block input's buffer. Parity with the burn path (and so with timm /
+//! facenet) is tested like the burn path.
 
-use burn::module::Param;
-use burn::nn::conv::Conv2d;
-use burn::nn::{BatchNorm, Linear, PaddingConfig2d};
-use burn::tensor::Tensor;
 use rayon::prelude::*;
 
-use crate::layers::{BN_EPS, ConvBnAct, FourBranch, Layer};
-use crate::models::inception_resnet::{InceptionResnet, IrLayout, ReductionB as IrReductionB, ResBlock};
-use crate::models::inception_v4::{InceptionV4, Mixed3a, Mixed4a, Mixed5a, ReductionA, ReductionB, V4Block};
-use crate::models::{Model, ModelKind};
+use crate::models::ModelKind;
 use crate::sgemm::{self, PackedB, Rows};
 
 /// An NHWC activation.
@@ -68,39 +62,22 @@ impl Act {
     }
 }
 
-fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default()
-}
-
-fn param<const D: usize>(p: &Param<Tensor<D>>) -> Vec<f32> {
-    values(p.val())
-}
-
-/// Per-channel `(scale, shift)` of an eval BatchNorm.
-fn bn_affine(bn: &BatchNorm) -> (Vec<f32>, Vec<f32>) {
-    let (g, b) = (param(&bn.gamma), param(&bn.beta));
-    let (m, v) = (values(bn.running_mean.value()), values(bn.running_var.value()));
-    let scale: Vec<f32> = g.iter().zip(&v).map(|(g, v)| g / (v + BN_EPS as f32).sqrt()).collect();
-    let shift = b.iter().zip(&m).zip(&scale).map(|((b, m), s)| b - m * s).collect();
-    (scale, shift)
-}
-
-/// What happens to a GEMM result.
+/// How a convolution's result is written.
 #[derive(Clone, Copy)]
-enum Epilogue {
+enum StoreMode {
     /// `dst = AB + bias`, then ReLU if asked.
     Store { relu: bool },
     /// `dst = dst + scale * (AB + bias)`, then ReLU if asked (the residual sum).
     Residual { scale: f32, relu: bool },
 }
 
-/// A convolution with folded BatchNorm: weights `[kh * kw * cin, cout]` (packed), im2col order
+/// A convolution with folded BatchNorm: weights `[kh * kw * cin, cout]` (packed), tap order
 /// `(ky, kx, ci)`.
 #[derive(Clone, Debug)]
 pub struct Conv {
     cin: usize,
     cout: usize,
-    k: [usize; 2],
+    kernel: [usize; 2],
     stride: usize,
     pad: [usize; 2],
     w: PackedB,
@@ -109,46 +86,51 @@ pub struct Conv {
 }
 
 impl Conv {
-    fn new(conv: Conv2d, scale: Option<(Vec<f32>, Vec<f32>)>, relu: bool) -> Self {
-        let [cout, cin, kh, kw] = conv.weight.dims();
-        let pad = match conv.padding {
-            PaddingConfig2d::Explicit(t, l, _, _) => [t, l],
-            _ => [0, 0],
-        };
-        let raw = param(&conv.weight);
-        let (s, shift) = match scale {
-            Some(sb) => sb,
-            None => (vec![1.0; cout], conv.bias.as_ref().map(param).unwrap_or_else(|| vec![0.0; cout])),
-        };
+    /// From PyTorch-layout weights `[cout, cin, kh, kw]`, each output channel scaled by
+    /// `scale[co]` (a folded BatchNorm; ones otherwise) plus `bias`.
+    pub fn new(
+        weight: &[f32],
+        [cout, cin, kh, kw]: [usize; 4],
+        stride: usize,
+        pad: [usize; 2],
+        scale: &[f32],
+        bias: Vec<f32>,
+        relu: bool,
+    ) -> Self {
         let k = kh * kw * cin;
         let mut w = vec![0.0; k * cout];
         for co in 0..cout {
             for ci in 0..cin {
                 for ky in 0..kh {
                     for kx in 0..kw {
-                        w[((ky * kw + kx) * cin + ci) * cout + co] = raw[((co * cin + ci) * kh + ky) * kw + kx] * s[co];
+                        w[((ky * kw + kx) * cin + ci) * cout + co] =
+                            weight[((co * cin + ci) * kh + ky) * kw + kx] * scale[co];
                     }
                 }
             }
         }
-        Self { cin, cout, k: [kh, kw], stride: conv.stride[0], pad, w: PackedB::new(&w, k, cout), b: shift, relu }
+        Self { cin, cout, kernel: [kh, kw], stride, pad, w: PackedB::new(&w, k, cout), b: bias, relu }
     }
 
-    fn from_cba(c: ConvBnAct) -> Self {
-        let affine = bn_affine(&c.bn);
-        Self::new(c.conv, Some(affine), c.act)
+    /// Multiply-accumulates on an `h x w` input, batch 1.
+    fn macs(&self, h: usize, w: usize) -> u64 {
+        let (oh, ow) = self.out_hw(h, w);
+        (oh * ow * self.cout * self.cin * self.kernel[0] * self.kernel[1]) as u64
     }
 
     fn out_hw(&self, h: usize, w: usize) -> (usize, usize) {
-        ((h + 2 * self.pad[0] - self.k[0]) / self.stride + 1, (w + 2 * self.pad[1] - self.k[1]) / self.stride + 1)
+        (
+            (h + 2 * self.pad[0] - self.kernel[0]) / self.stride + 1,
+            (w + 2 * self.pad[1] - self.kernel[1]) / self.stride + 1,
+        )
     }
 
     fn is_pointwise(&self) -> bool {
-        self.k == [1, 1] && self.stride == 1
+        self.kernel == [1, 1] && self.stride == 1
     }
 
     /// Run on `x`, writing channels `[off, off + cout)` of `dst` (row stride `ld`).
-    fn run_into(&self, x: &Act, dst: &mut [f32], ld: usize, off: usize, epi: Epilogue) {
+    fn run_into(&self, x: &Act, dst: &mut [f32], ld: usize, off: usize, mode: StoreMode) {
         let (oh, ow) = self.out_hw(x.h, x.w);
         let rows = if self.is_pointwise() {
             Rows::Dense { data: &x.data, ld: x.c }
@@ -159,15 +141,15 @@ impl Conv {
                 c0: 0,
                 cin: self.cin,
                 hw: [x.h, x.w],
-                k: self.k,
+                k: self.kernel,
                 stride: self.stride,
                 pad: self.pad,
                 out: [oh, ow],
             }
         };
-        let epi = match epi {
-            Epilogue::Store { relu } => sgemm::Epilogue { bias: Some(&self.b), alpha: 1.0, load: false, relu },
-            Epilogue::Residual { scale, relu } => {
+        let epi = match mode {
+            StoreMode::Store { relu } => sgemm::Epilogue { bias: Some(&self.b), alpha: 1.0, load: false, relu },
+            StoreMode::Residual { scale, relu } => {
                 sgemm::Epilogue { bias: Some(&self.b), alpha: scale, load: true, relu }
             }
         };
@@ -177,7 +159,7 @@ impl Conv {
     fn run(&self, x: &Act) -> Act {
         let (oh, ow) = self.out_hw(x.h, x.w);
         let mut y = Act::zeros(x.n, oh, ow, self.cout);
-        self.run_into(x, &mut y.data, self.cout, 0, Epilogue::Store { relu: self.relu });
+        self.run_into(x, &mut y.data, self.cout, 0, StoreMode::Store { relu: self.relu });
         y
     }
 }
@@ -223,7 +205,7 @@ fn avg_pool(x: &Act) -> Act {
 }
 
 #[derive(Clone, Debug)]
-enum Op {
+pub enum Op {
     Conv(Conv),
     MaxPool,
     AvgPool,
@@ -232,9 +214,9 @@ enum Op {
 impl Op {
     fn out_shape(&self, h: usize, w: usize, c: usize) -> (usize, usize, usize) {
         match self {
-            Op::Conv(k) => {
-                let (oh, ow) = k.out_hw(h, w);
-                (oh, ow, k.cout)
+            Op::Conv(conv) => {
+                let (oh, ow) = conv.out_hw(h, w);
+                (oh, ow, conv.cout)
             }
             Op::MaxPool => ((h - 3) / 2 + 1, (w - 3) / 2 + 1, c),
             Op::AvgPool => (h, w, c),
@@ -242,48 +224,57 @@ impl Op {
     }
 }
 
-/// A chain of ops; its output is the last op's, or (InceptionC) the concatenation of `heads`
-/// applied to the chain's output.
+/// A chain of ops; its output is the last op's, or (Inception-C's split branches) the
+/// concatenation of `tails` applied to the chain's output.
 #[derive(Clone, Debug, Default)]
-struct Branch {
+pub struct Branch {
     ops: Vec<Op>,
-    heads: Vec<Conv>,
+    tails: Vec<Conv>,
 }
 
 impl Branch {
-    fn convs(convs: Vec<ConvBnAct>) -> Self {
-        Self { ops: convs.into_iter().map(|c| Op::Conv(Conv::from_cba(c))).collect(), heads: vec![] }
+    /// A chain of ops.
+    pub fn new(ops: Vec<Op>) -> Self {
+        Self { ops, tails: vec![] }
     }
-    fn conv(c: ConvBnAct) -> Self {
-        Self::convs(vec![c])
+    /// A chain whose output feeds several convolutions, concatenated.
+    pub fn split(ops: Vec<Op>, tails: Vec<Conv>) -> Self {
+        Self { ops, tails }
     }
-    fn max_pool() -> Self {
-        Self { ops: vec![Op::MaxPool], heads: vec![] }
+    pub fn convs(convs: Vec<Conv>) -> Self {
+        Self::new(convs.into_iter().map(Op::Conv).collect())
     }
-    fn layers(layers: Vec<Layer>) -> Self {
-        let ops = layers
-            .into_iter()
-            .map(|l| match l {
-                Layer::Conv(c) => Op::Conv(Conv::from_cba(c)),
-                Layer::MaxPool(_) => Op::MaxPool,
-                Layer::AvgPool(_) => Op::AvgPool,
-            })
-            .collect();
-        Self { ops, heads: vec![] }
+    pub fn max_pool() -> Self {
+        Self::new(vec![Op::MaxPool])
+    }
+
+    /// Multiply-accumulates and output shape on an `h x w x c` input, batch 1.
+    fn macs(&self, h: usize, w: usize, c: usize) -> (u64, (usize, usize, usize)) {
+        let mut total = 0;
+        let (mut h, mut w, mut c) = (h, w, c);
+        for op in &self.ops {
+            if let Op::Conv(conv) = op {
+                total += conv.macs(h, w);
+            }
+            (h, w, c) = op.out_shape(h, w, c);
+        }
+        total += self.tails.iter().map(|t| t.macs(h, w)).sum::<u64>();
+        let c = if self.tails.is_empty() { c } else { self.tails.iter().map(|t| t.cout).sum() };
+        (total, (h, w, c))
     }
 
     fn out_shape(&self, h: usize, w: usize, c: usize) -> (usize, usize, usize) {
         let (h, w, c) = self.ops.iter().fold((h, w, c), |(h, w, c), op| op.out_shape(h, w, c));
-        if self.heads.is_empty() { (h, w, c) } else { (h, w, self.heads.iter().map(|k| k.cout).sum()) }
+        if self.tails.is_empty() { (h, w, c) } else { (h, w, self.tails.iter().map(|t| t.cout).sum()) }
     }
 
     fn run_into(&self, x: &Act, dst: &mut [f32], ld: usize, off: usize) {
-        let last = if self.heads.is_empty() { self.ops.len() - 1 } else { self.ops.len() };
+        let last = if self.tails.is_empty() { self.ops.len() - 1 } else { self.ops.len() };
         let mut tmp: Option<Act> = None;
         for op in &self.ops[..last] {
             let input = tmp.as_ref().unwrap_or(x);
             tmp = Some(match op {
-                Op::Conv(k) => k.run(input),
+                Op::Conv(conv) => conv.run(input),
                 Op::AvgPool => avg_pool(input),
                 Op::MaxPool => {
                     let (oh, ow, c) = op.out_shape(input.h, input.w, input.c);
@@ -294,72 +285,94 @@ impl Branch {
             });
         }
         let input = tmp.as_ref().unwrap_or(x);
-        if self.heads.is_empty() {
+        if self.tails.is_empty() {
             match &self.ops[last] {
-                Op::Conv(k) => k.run_into(input, dst, ld, off, Epilogue::Store { relu: k.relu }),
+                Op::Conv(conv) => conv.run_into(input, dst, ld, off, StoreMode::Store { relu: conv.relu }),
                 Op::MaxPool => max_pool_into(input, dst, ld, off),
                 Op::AvgPool => unreachable!("no branch ends in an average pool"),
             }
         } else {
             let mut o = off;
-            for k in &self.heads {
-                k.run_into(input, dst, ld, o, Epilogue::Store { relu: k.relu });
-                o += k.cout;
+            for t in &self.tails {
+                t.run_into(input, dst, ld, o, StoreMode::Store { relu: t.relu });
+                o += t.cout;
             }
         }
     }
 }
 
-/// The merged leading 1x1 convolution and each branch's `(offset, channels)` in its output.
-type MergedHead = (Conv, Vec<Option<(usize, usize)>>);
+/// The branches' leading 1x1 convolutions merged into one, and each branch's
+/// `(offset, channels)` in its output.
+#[derive(Clone, Debug)]
+struct Merged1x1 {
+    conv: Conv,
+    slots: Vec<Option<(usize, usize)>>,
+}
+
+/// The residual wrapper of a block: `x + scale * up(cat)` (or `up(cat)` without shortcut),
+/// then ReLU if asked.
+#[derive(Clone, Debug)]
+pub struct Residual {
+    pub up: Conv,
+    pub scale: f32,
+    pub relu: bool,
+    /// `false`: no shortcut, the plain counterpart of the block.
+    pub shortcut: bool,
+}
 
 /// Parallel branches concatenated along channels, optionally wrapped in a scaled residual.
-/// The branches' leading 1x1 convolutions on the block input run as one wider GEMM (`head`),
-/// whose channel slices then feed the rest of each branch.
+/// The branches' leading 1x1 convolutions on the block input run as one wider GEMM
+/// (`merged`), whose channel slices then feed the rest of each branch.
 #[derive(Clone, Debug)]
-struct Block {
+pub struct Block {
     branches: Vec<Branch>,
-    /// Merged leading 1x1 convolutions and, per branch, its `(offset, channels)` in their output.
-    head: Option<MergedHead>,
-    /// Up-projection, scale, ReLU, and whether there is a shortcut (`false`: plain block).
-    residual: Option<(Conv, f32, bool, bool)>,
+    merged: Option<Merged1x1>,
+    residual: Option<Residual>,
 }
 
 /// Take the leading pointwise convolutions of the branches (when two or more share the
 /// input and the activation) and merge them into one `[cin, sum of couts]` convolution.
-fn merge_heads(branches: &mut [Branch]) -> Option<MergedHead> {
+fn merge_leading_1x1(branches: &mut [Branch]) -> Option<Merged1x1> {
     let lead = |b: &Branch| match b.ops.first() {
-        Some(Op::Conv(k)) if k.is_pointwise() && k.pad == [0, 0] && k.relu => Some(k.clone()),
+        Some(Op::Conv(conv)) if conv.is_pointwise() && conv.pad == [0, 0] && conv.relu => Some(conv.clone()),
         _ => None,
     };
     if branches.iter().filter_map(lead).count() < 2 {
         return None;
     }
     let convs: Vec<Option<Conv>> = branches.iter().map(lead).collect();
-    let cin = convs.iter().flatten().map(|k| k.cin).next()?;
-    let total: usize = convs.iter().flatten().map(|k| k.cout).sum();
+    let cin = convs.iter().flatten().map(|c| c.cin).next()?;
+    let total: usize = convs.iter().flatten().map(|c| c.cout).sum();
     let mut w = vec![0.0f32; cin * total];
     let mut b = Vec::with_capacity(total);
     let mut slots = Vec::new();
     let mut off = 0;
     for (branch, conv) in branches.iter_mut().zip(&convs) {
         match conv {
-            Some(k) => {
-                let kw = k.w.unpack();
+            Some(c) => {
+                let cw = c.w.unpack();
                 for r in 0..cin {
-                    w[r * total + off..r * total + off + k.cout].copy_from_slice(&kw[r * k.cout..(r + 1) * k.cout]);
+                    w[r * total + off..r * total + off + c.cout].copy_from_slice(&cw[r * c.cout..(r + 1) * c.cout]);
                 }
-                b.extend_from_slice(&k.b);
-                slots.push(Some((off, k.cout)));
-                off += k.cout;
+                b.extend_from_slice(&c.b);
+                slots.push(Some((off, c.cout)));
+                off += c.cout;
                 branch.ops.remove(0);
             }
             None => slots.push(None),
         }
     }
-    let merged =
-        Conv { cin, cout: total, k: [1, 1], stride: 1, pad: [0, 0], w: PackedB::new(&w, cin, total), b, relu: true };
-    Some((merged, slots))
+    let conv = Conv {
+        cin,
+        cout: total,
+        kernel: [1, 1],
+        stride: 1,
+        pad: [0, 0],
+        w: PackedB::new(&w, cin, total),
+        b,
+        relu: true,
+    };
+    Some(Merged1x1 { conv, slots })
 }
 
 /// Channels `[off, off + c)` of `a` as a contiguous activation.
@@ -370,19 +383,40 @@ fn channels(a: &Act, off: usize, c: usize) -> Act {
 }
 
 impl Block {
-    fn plain(branches: Vec<Branch>) -> Self {
+    /// Branches concatenated.
+    pub fn plain(branches: Vec<Branch>) -> Self {
         Self::new(branches, None)
     }
 
-    fn new(mut branches: Vec<Branch>, residual: Option<(Conv, f32, bool, bool)>) -> Self {
-        let head = merge_heads(&mut branches);
-        Self { branches, head, residual }
+    pub fn new(mut branches: Vec<Branch>, residual: Option<Residual>) -> Self {
+        let merged = merge_leading_1x1(&mut branches);
+        Self { branches, merged, residual }
+    }
+
+    /// Multiply-accumulates and output shape on an `h x w x c` input, batch 1.
+    fn macs(&self, h: usize, w: usize, c: usize) -> (u64, (usize, usize, usize)) {
+        let mut total = self.merged.as_ref().map_or(0, |m| m.conv.macs(h, w));
+        let mut out = (h, w, 0);
+        for (i, b) in self.branches.iter().enumerate() {
+            let cin = match self.merged.as_ref().and_then(|m| m.slots[i]) {
+                Some((_, ch)) => ch,
+                None => c,
+            };
+            let (m, (oh, ow, oc)) = b.macs(h, w, cin);
+            total += m;
+            out = (oh, ow, out.2 + oc);
+        }
+        if let Some(r) = &self.residual {
+            total += r.up.macs(out.0, out.1);
+            out.2 = r.up.cout;
+        }
+        (total, out)
     }
 
     fn run(&self, x: Act) -> Act {
-        let h = self.head.as_ref().map(|(k, _)| k.run(&x));
-        let inputs: Vec<Option<Act>> = match (&self.head, &h) {
-            (Some((_, slots)), Some(h)) => slots.iter().map(|s| s.map(|(o, c)| channels(h, o, c))).collect(),
+        let merged_out = self.merged.as_ref().map(|m| m.conv.run(&x));
+        let inputs: Vec<Option<Act>> = match (&self.merged, &merged_out) {
+            (Some(m), Some(h)) => m.slots.iter().map(|s| s.map(|(o, c)| channels(h, o, c))).collect(),
             _ => vec![None; self.branches.len()],
         };
         let shapes: Vec<_> = self
@@ -401,7 +435,7 @@ impl Block {
         for ((b, s), input) in self.branches.iter().zip(&shapes).zip(&inputs) {
             match input {
                 // a branch that was only its 1x1: copy the slice into place
-                Some(i) if b.ops.is_empty() && b.heads.is_empty() => {
+                Some(i) if b.ops.is_empty() && b.tails.is_empty() => {
                     let c = s.2;
                     out.data.par_chunks_mut(ctot).zip(i.data.par_chunks(c)).for_each(|(d, src)| {
                         d[off..off + c].copy_from_slice(src);
@@ -414,15 +448,15 @@ impl Block {
         }
         match &self.residual {
             None => out,
-            Some((up, _, relu, false)) => {
+            Some(Residual { up, relu, shortcut: false, .. }) => {
                 let mut y = Act::zeros(out.n, out.h, out.w, up.cout);
-                up.run_into(&out, &mut y.data, up.cout, 0, Epilogue::Store { relu: *relu });
+                up.run_into(&out, &mut y.data, up.cout, 0, StoreMode::Store { relu: *relu });
                 y
             }
-            Some((up, scale, relu, true)) => {
+            Some(Residual { up, scale, relu, shortcut: true }) => {
                 let mut x = x;
                 let c = x.c;
-                up.run_into(&out, &mut x.data, c, 0, Epilogue::Residual { scale: *scale, relu: *relu });
+                up.run_into(&out, &mut x.data, c, 0, StoreMode::Residual { scale: *scale, relu: *relu });
                 x
             }
         }
@@ -431,29 +465,23 @@ impl Block {
 
 /// A dense layer `y = x W + b`, `W` as `[din, dout]` (packed).
 #[derive(Clone, Debug)]
-struct Dense {
+pub struct Dense {
     w: PackedB,
     b: Vec<f32>,
 }
 
 impl Dense {
-    /// From a burn linear (weights `[in, out]`), with an optional BatchNorm1d folded in.
-    fn new(l: Linear, bn: Option<BatchNorm>) -> Self {
-        let [din, dout] = l.weight.dims();
-        let mut w = param(&l.weight);
-        let mut b = l.bias.as_ref().map(param).unwrap_or_else(|| vec![0.0; dout]);
-        if let Some(bn) = bn {
-            let (s, shift) = bn_affine(&bn);
-            for row in w.chunks_mut(dout) {
-                row.iter_mut().zip(&s).for_each(|(v, s)| *v *= s);
-            }
-            b = b.iter().zip(&s).zip(&shift).map(|((b, s), t)| b * s + t).collect();
-        }
-        Self { w: PackedB::new(&w, din, dout), b }
+    /// From weights `[din, dout]` (row-major) and bias.
+    pub fn new(w: &[f32], din: usize, dout: usize, b: Vec<f32>) -> Self {
+        Self { w: PackedB::new(w, din, dout), b }
     }
 
     fn dout(&self) -> usize {
         self.w.n()
+    }
+
+    fn macs(&self) -> u64 {
+        (self.w.k() * self.w.n()) as u64
     }
 
     fn run(&self, x: &[f32], n: usize) -> Vec<f32> {
@@ -477,112 +505,36 @@ pub struct Engine {
     classifier: Option<Dense>,
 }
 
-fn v4_block(b: V4Block) -> Block {
-    let (convs, pool) = (Branch::convs, Branch::max_pool);
-    let branches = match b {
-        V4Block::Conv(c) => vec![Branch::conv(c)],
-        V4Block::Mixed3a(Mixed3a { conv, .. }) => vec![pool(), Branch::conv(conv)],
-        V4Block::Mixed4a(Mixed4a { branch0, branch1 }) => vec![convs(branch0), convs(branch1)],
-        V4Block::Mixed5a(Mixed5a { conv, .. }) => vec![Branch::conv(conv), pool()],
-        V4Block::InceptionA(b) | V4Block::InceptionB(b) => four_branch(b),
-        V4Block::ReductionA(r) => reduction_a(r),
-        V4Block::ReductionB(ReductionB { branch0, branch1, .. }) => vec![convs(branch0), convs(branch1), pool()],
-        V4Block::InceptionC(c) => {
-            let head = |a: ConvBnAct, b: ConvBnAct| vec![Conv::from_cba(a), Conv::from_cba(b)];
-            let ops = |cs: Vec<ConvBnAct>| cs.into_iter().map(|c| Op::Conv(Conv::from_cba(c))).collect();
-            vec![
-                Branch::conv(c.branch0),
-                Branch { ops: ops(vec![c.branch1_0]), heads: head(c.branch1_1a, c.branch1_1b) },
-                Branch {
-                    ops: ops(vec![c.branch2_0, c.branch2_1, c.branch2_2]),
-                    heads: head(c.branch2_3a, c.branch2_3b),
-                },
-                Branch::layers(c.branch3),
-            ]
-        }
-    };
-    Block::plain(branches)
-}
-
-fn four_branch(FourBranch { branch0, branch1, branch2, branch3 }: FourBranch) -> Vec<Branch> {
-    vec![Branch::conv(branch0), Branch::convs(branch1), Branch::convs(branch2), Branch::layers(branch3)]
-}
-
-fn reduction_a(r: ReductionA) -> Vec<Branch> {
-    vec![Branch::conv(r.branch0), Branch::convs(r.branch1), Branch::max_pool()]
-}
-
-fn res_block(r: ResBlock) -> Block {
-    let mut branches = vec![Branch::conv(r.branch0), Branch::convs(r.branch1)];
-    if !r.branch2.is_empty() {
-        branches.push(Branch::convs(r.branch2));
-    }
-    Block::new(branches, Some((Conv::new(r.conv2d, None, false), r.scale as f32, r.act, r.shortcut)))
-}
-
 impl Engine {
-    /// Freeze a loaded model (eval BatchNorm statistics). The model is consumed.
-    pub fn from_model(model: Model) -> Self {
-        let kind = model.kind();
-        match model {
-            Model::V4(InceptionV4 { features, last_linear }) => Engine {
-                kind,
-                width: 1.0,
-                blocks: features.into_iter().map(v4_block).collect(),
-                stage_ends: vec![2, 3, 9, 17, 21],
-                bottleneck: None,
-                classifier: last_linear.map(|l| Dense::new(l, None)),
-            },
-            Model::Ir(m) => Self::from_ir(kind, m),
-        }
+    /// An engine from lowered blocks; `stage_ends[i]` is the block after which stage `i` ends.
+    pub fn new(
+        kind: ModelKind,
+        width: f64,
+        blocks: Vec<Block>,
+        stage_ends: Vec<usize>,
+        bottleneck: Option<Dense>,
+        classifier: Option<Dense>,
+    ) -> Self {
+        Self { kind, width, blocks, stage_ends, bottleneck, classifier }
     }
 
-    fn from_ir(kind: ModelKind, m: InceptionResnet) -> Self {
-        let mut blocks = Vec::new();
-        let mut stage_ends = Vec::new();
-        let conv = |c: ConvBnAct| Block::plain(vec![Branch::conv(c)]);
-        let pool = || Block::plain(vec![Branch::max_pool()]);
-        blocks.extend([m.conv2d_1a, m.conv2d_2a, m.conv2d_2b].map(conv));
-        stage_ends.push(blocks.len() - 1);
-        if let (Some(_), Some(c3), Some(c4)) = (m.maxpool_3a, m.conv2d_3b, m.conv2d_4a) {
-            blocks.extend([pool(), conv(c3), conv(c4)]);
-        }
-        if let (Some(m3), Some(m4)) = (m.mixed_3a, m.mixed_4a) {
-            blocks.extend([v4_block(V4Block::Mixed3a(m3)), v4_block(V4Block::Mixed4a(m4))]);
-        }
-        stage_ends.push(blocks.len() - 1);
-        if let Some(m5) = m.mixed_5a {
-            blocks.push(v4_block(V4Block::Mixed5a(m5)));
-        }
-        if let Some(c) = m.conv2d_4b {
-            blocks.push(conv(c));
-        }
-        if let Some(b) = m.mixed_5b {
-            blocks.extend([pool(), Block::plain(four_branch(b))]);
-        }
-        blocks.extend(m.repeat.into_iter().map(res_block));
-        stage_ends.push(blocks.len() - 1);
-        blocks.push(Block::plain(reduction_a(m.mixed_6a)));
-        blocks.extend(m.repeat_1.into_iter().map(res_block));
-        stage_ends.push(blocks.len() - 1);
-        let IrReductionB { branch0, branch1, branch2, .. } = m.mixed_7a;
-        blocks.push(Block::plain(vec![
-            Branch::convs(branch0),
-            Branch::convs(branch1),
-            Branch::convs(branch2),
-            Branch::max_pool(),
-        ]));
-        blocks.extend(m.repeat_2.into_iter().map(res_block));
-        blocks.extend(m.block8.map(res_block));
-        blocks.extend(m.conv2d_7b.map(conv));
-        stage_ends.push(blocks.len() - 1);
-        let (bottleneck, classifier) = match m.layout {
-            IrLayout::FacenetV1 => {
-                (m.last_linear.map(|l| Dense::new(l, m.last_bn)), m.logits.map(|l| Dense::new(l, None)))
+    /// Per stage, the output shape `[1, C, H, W]` and multiply-accumulates on an `s x s` input
+    /// (batch 1); last, the head's `[1, classes]` and MACs.
+    pub fn shapes_and_macs(&self, s: usize) -> Vec<(Vec<usize>, u64)> {
+        let mut rows = Vec::new();
+        let (mut shape, mut acc) = ((s, s, 3), 0u64);
+        for (i, b) in self.blocks.iter().enumerate() {
+            let (m, out) = b.macs(shape.0, shape.1, shape.2);
+            acc += m;
+            shape = out;
+            if self.stage_ends.contains(&i) {
+                rows.push((vec![1, shape.2, shape.0, shape.1], std::mem::take(&mut acc)));
             }
-            _ => (None, m.classif.map(|l| Dense::new(l, None))),
-        };
-        Engine { kind, width: m.width, blocks, stage_ends, bottleneck, classifier }
+        }
+        let head: Vec<&Dense> = self.bottleneck.iter().chain(&self.classifier).collect();
+        let out = head.last().map_or(shape.2, |d| d.dout());
+        rows.push((vec![1, out], head.iter().map(|d| d.macs()).sum()));
+        rows
     }
 
     pub fn width(&self) -> f64 {

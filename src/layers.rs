@@ -4,8 +4,6 @@
 //! Padding is always explicit, as in the references (TF-slim `VALID` plus the symmetric pads the
 //! PyTorch ports use for `SAME` stride-1 convolutions).
 
-use std::cell::Cell;
-
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{AvgPool2d, AvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
@@ -15,20 +13,6 @@ use burn::tensor::{Device, Tensor};
 
 /// BatchNorm epsilon of every reference checkpoint (TF-slim's 0.001).
 pub const BN_EPS: f64 = 1e-3;
-
-thread_local! {
-    /// Multiply-accumulate counter used by `summary`; only convolutions and linears add to it.
-    static MACS: Cell<u64> = const { Cell::new(0) };
-}
-
-/// Reset the per-thread MAC counter and return its previous value.
-pub fn take_macs() -> u64 {
-    MACS.with(|m| m.replace(0))
-}
-
-pub(crate) fn add_macs(n: u64) {
-    MACS.with(|m| m.set(m.get() + n));
-}
 
 /// `n` channels times a width multiplier, rounded, at least 1.
 pub fn ch(n: usize, width: f64) -> usize {
@@ -61,7 +45,7 @@ impl ConvSpec {
     }
 }
 
-/// `1 x n` followed by nothing: the factorised row kernel, padded to keep the size.
+/// `1 x n`: the factorised row kernel, padded to keep the size.
 pub const fn k1xn(n: usize) -> ConvSpec {
     ConvSpec { kernel: [1, n], stride: 1, pad: [0, n / 2] }
 }
@@ -92,18 +76,12 @@ impl ConvBnAct {
         Self { conv, bn, act: true }
     }
 
-    /// The same layer without its ReLU.
-    pub fn linear(mut self) -> Self {
-        self.act = false;
-        self
-    }
-
     pub fn out_channels(&self) -> usize {
         self.conv.weight.dims()[0]
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let y = conv_counted(&self.conv, x);
+        let y = self.conv.forward(x);
         let y = self.bn.forward(y);
         if self.act { relu(y) } else { y }
     }
@@ -115,15 +93,6 @@ pub fn conv_bias(cin: usize, cout: usize, device: &Device) -> Conv2d {
         .with_padding(PaddingConfig2d::Valid)
         .with_initializer(Initializer::KaimingNormal { gain: std::f64::consts::SQRT_2, fan_out_only: false })
         .init(device)
-}
-
-/// Run a convolution and count its MACs.
-pub fn conv_counted(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-    let y = conv.forward(x);
-    let [o, i, kh, kw] = conv.weight.dims();
-    let [n, _, h, w] = y.dims();
-    add_macs((n * h * w * o * i * kh * kw) as u64);
-    y
 }
 
 /// 3x3 max pool, stride 2, no padding (TF `VALID`).
@@ -161,7 +130,7 @@ impl Layer {
     }
 }
 
-/// A chain of `ConvBnAct` given as `(cin, cout, spec)` steps.
+/// A chain of `ConvBnAct` from `cin` channels, given as `(cout, spec)` steps.
 pub fn conv_chain(cin: usize, steps: &[(usize, ConvSpec)], device: &Device) -> Vec<ConvBnAct> {
     let mut c = cin;
     steps

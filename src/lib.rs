@@ -19,6 +19,7 @@ pub mod demo;
 pub mod engine;
 pub mod hub;
 pub mod labels;
+pub mod lower;
 pub mod predict;
 pub mod preprocess;
 pub mod sgemm;

@@ -398,7 +398,7 @@ fn run(cli: Cli) -> Result<bool> {
             let size = size.unwrap_or(model.pretrained().pre.input_size);
             bench::check_memory(model, 1, size, false)?;
             let m = Model::new(&ModelConfig::new(model, model.pretrained().num_classes), &dev);
-            let s = summary::summarize(&m, size, &dev)?;
+            let s = summary::summarize(&m, size)?;
             if json {
                 print_json(&s)?
             } else {

@@ -69,7 +69,7 @@ impl Predictor {
     pub fn new(model: Model, engine: EngineKind, device: &Device) -> Self {
         match engine {
             EngineKind::Burn => Predictor::Burn(Box::new(model), device.clone()),
-            EngineKind::Fast => Predictor::Fast(Box::new(Engine::from_model(model))),
+            EngineKind::Fast => Predictor::Fast(Box::new(crate::lower::lower(model))),
         }
     }
 

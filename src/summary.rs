@@ -1,10 +1,8 @@
 //! `summary`: per stage output shape, parameters and multiply-accumulates at a given input size.
 
-use burn::tensor::{Device, Tensor};
 use serde::Serialize;
 
-use crate::error::{Error, Result};
-use crate::layers::take_macs;
+use crate::error::Result;
 use crate::models::{Model, stage_of_key};
 use crate::weights::param_shapes;
 
@@ -28,10 +26,10 @@ pub struct Summary {
 /// Smallest input every network accepts (three stride-2 VALID reductions after the stem).
 pub use crate::preprocess::MIN_INPUT;
 
-pub fn summarize(model: &Model, size: usize, device: &Device) -> Result<Summary> {
-    if size < MIN_INPUT {
-        return Err(Error::InputTooSmall { size });
-    }
+/// Per stage output shape, parameters and MACs at `size` px, from the trunk description: the
+/// parameters by `stage_of_key`, shapes and MACs from the lowered graph (no forward pass).
+pub fn summarize(model: &Model, size: usize) -> Result<Summary> {
+    crate::preprocess::check_size(size)?;
     let kind = model.kind();
     let info = model.feature_info();
     let mut params = vec![0usize; info.len() + 1];
@@ -42,30 +40,21 @@ pub fn summarize(model: &Model, size: usize, device: &Device) -> Result<Summary>
         let s = stage_of_key(kind, &key).unwrap_or(info.len());
         params[s] += shape.iter().product::<usize>();
     }
-    let x = Tensor::<4>::zeros([1, 3, size, size], device);
-    take_macs();
-    let mut rows = Vec::new();
-    let feats = model.forward_features_tapped(x, &mut |i, t| {
-        rows.push(StageRow {
-            name: info[i].module.clone(),
-            output: t.dims().to_vec(),
-            params: params[i],
-            macs: take_macs(),
-        });
-    });
-    let out = model.forward_head(feats, false);
-    rows.push(StageRow {
-        name: "head".into(),
-        output: out.dims().to_vec(),
-        params: params[info.len()],
-        macs: take_macs(),
-    });
+    let engine = crate::lower::lower(model.clone());
+    let names = info.iter().map(|f| f.module.clone()).chain(["head".to_string()]);
+    let stages: Vec<StageRow> = engine
+        .shapes_and_macs(size)
+        .into_iter()
+        .zip(names)
+        .zip(params)
+        .map(|(((output, macs), name), params)| StageRow { name, output, params, macs })
+        .collect();
     Ok(Summary {
         model: kind.name().to_string(),
         input_size: size,
-        total_params: rows.iter().map(|r| r.params).sum(),
-        total_macs: rows.iter().map(|r| r.macs).sum(),
-        stages: rows,
+        total_params: stages.iter().map(|r| r.params).sum(),
+        total_macs: stages.iter().map(|r| r.macs).sum(),
+        stages,
     })
 }
 

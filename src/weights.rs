@@ -25,6 +25,16 @@ fn key_remap(kind: ModelKind) -> &'static [(&'static str, &'static str)] {
     }
 }
 
+/// Checkpoint key -> our field path (the inverse of `key_remap` on the first segment).
+pub fn field_of_key(kind: ModelKind, key: &str) -> String {
+    let (first, rest) = key.split_once('.').unwrap_or((key, ""));
+    match key_remap(kind).iter().find(|(_, to)| *to == first) {
+        Some((from, _)) if rest.is_empty() => from.to_string(),
+        Some((from, _)) => format!("{from}.{rest}"),
+        None => key.to_string(),
+    }
+}
+
 /// Our module path -> checkpoint key.
 fn checkpoint_key(remap: &[(&str, &str)], path: &[String]) -> String {
     let mut parts: Vec<String> = path.to_vec();

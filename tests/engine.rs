@@ -9,8 +9,13 @@ use inception::models::{Model, ModelConfig, ModelKind};
 use inception::predict::{EngineKind, Predictor};
 
 fn agree(kind: ModelKind, size: usize) {
+    agree_cfg(ModelConfig::new(kind, 11), size)
+}
+
+fn agree_cfg(cfg: ModelConfig, size: usize) {
+    let kind = cfg.model;
     let device = Device::flex();
-    let make = || common::deterministic(Model::new(&ModelConfig::new(kind, 11), &device));
+    let make = || common::deterministic(Model::new(&cfg, &device));
     let burn = Predictor::new(make(), EngineKind::Burn, &device);
     let fast = Predictor::new(make(), EngineKind::Fast, &device);
     let shape = [2, 3, size, size];
@@ -53,4 +58,16 @@ fn fast_engine_matches_burn_inception_resnet_v1() {
 fn fast_engine_matches_burn_paper_layouts() {
     agree(ModelKind::InceptionResnetV2Paper, 75);
     agree(ModelKind::InceptionResnetV1Paper, 75);
+}
+
+#[test]
+fn fast_engine_matches_burn_at_other_widths_and_without_shortcuts() {
+    for kind in [ModelKind::InceptionResnetV2, ModelKind::InceptionResnetV1, ModelKind::InceptionResnetV2Paper] {
+        agree_cfg(ModelConfig { width: 0.37, ..ModelConfig::new(kind, 7) }, 75);
+        agree_cfg(ModelConfig { width: 0.5, plain: true, ..ModelConfig::new(kind, 7) }, 80);
+    }
+    agree_cfg(
+        ModelConfig { width: 1.3, residual_scale: Some(0.3), ..ModelConfig::new(ModelKind::InceptionResnetV1Paper, 5) },
+        75,
+    );
 }

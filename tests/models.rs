@@ -62,7 +62,7 @@ fn keys_and_shapes_equal_facenet_inception_resnet_v1() {
 }
 
 fn stage_shapes(kind: ModelKind, size: usize) -> Vec<Vec<usize>> {
-    let s = summarize(&model(kind, 10), size, &Device::flex()).unwrap();
+    let s = summarize(&model(kind, 10), size).unwrap();
     s.stages.iter().map(|r| r.output.clone()).collect()
 }
 
@@ -102,7 +102,7 @@ fn feature_shapes_at_two_sizes() {
             vec![1, 10]
         ]
     );
-    assert!(summarize(&model(ModelKind::InceptionV4, 10), 74, &Device::flex()).is_err());
+    assert!(summarize(&model(ModelKind::InceptionV4, 10), 74).is_err());
 }
 
 #[test]
@@ -180,7 +180,7 @@ fn width_multiplier_scales_channels_consistently() {
     for kind in [ModelKind::InceptionResnetV2, ModelKind::InceptionResnetV1, ModelKind::InceptionResnetV2Paper] {
         for width in [0.1, 0.25, 0.5] {
             let m = Model::new(&ModelConfig { width, ..ModelConfig::new(kind, 3) }, &Device::flex());
-            let s = summarize(&m, 75, &Device::flex()).unwrap();
+            let s = summarize(&m, 75).unwrap();
             assert_eq!(s.stages.last().unwrap().output, vec![1, 3], "{kind} at width {width}");
             assert!(m.num_params() < model(kind, 3).num_params() / 2);
         }

@@ -9,6 +9,10 @@
 //!
 //! Residual scale is a config value per stage (paper Sec. 3.3): 0.17 / 0.10 / 0.20 in both
 //! references; the last Block8 uses 1.0 and no ReLU.
+//!
+//! `IrConfig::stages` is the one place where each layout's trunk order is written: the struct
+//! is built from it (a part exists iff its table lists it), and `forward_part` / `into_parts`
+//! only map a part's name to its field.
 
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
@@ -20,14 +24,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::layers::FourBranch;
 use crate::layers::{
-    BN_EPS, ConvBnAct, ConvSpec, ch, conv_bias, conv_chain, conv_counted, k, k1xn, knx1, max_pool_3s2, pool_proj,
-    run_chain,
+    BN_EPS, ConvBnAct, ConvSpec, ch, conv_bias, conv_chain, k, k1xn, knx1, max_pool_3s2, pool_proj, run_chain,
 };
 use crate::models::inception_v4::{Mixed3a, Mixed4a, Mixed5a, ReductionA};
-use crate::models::{FeatureInfo, classifier, linear_counted};
+use crate::models::{Head, ModelKind, Part, StageSpec, classifier};
 
 /// Channel table of one residual Inception block: input/output width, the 1x1 branch, and the
-/// branch chains (first step is always a 1x1; the rest use `kernels`).
+/// branch chains (the first step of a chain is a 1x1; the rest use the block's kernels, see
+/// `branch_kernels`).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ResBlockSpec {
     pub channels: usize,
@@ -37,22 +41,11 @@ pub struct ResBlockSpec {
     pub branch2: Vec<usize>,
 }
 
-/// Which published layout: decides the stem, the head and the checkpoint names.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub enum IrLayout {
-    /// TF-slim / timm Inception-ResNet-v2.
-    SlimV2,
-    /// facenet-pytorch Inception-ResNet-v1.
-    FacenetV1,
-    /// The paper's Inception-ResNet-v1 (Figs. 10-15): Fig. 14 stem, 5/10/5 blocks, pool, linear.
-    PaperV1,
-    /// The paper's Inception-ResNet-v2 (Figs. 3, 16-19): Fig. 3 stem, 5/10/5 blocks, pool, linear.
-    PaperV2,
-}
-
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct IrConfig {
-    pub layout: IrLayout,
+    /// Which published layout (an Inception-ResNet `ModelKind`): decides the stem, the head and
+    /// the checkpoint names, through `stages`.
+    pub layout: ModelKind,
     /// Inception-ResNet-A (Block35), -B (Block17), -C (Block8).
     pub block_a: ResBlockSpec,
     pub block_b: ResBlockSpec,
@@ -84,12 +77,12 @@ fn one() -> f64 {
 }
 
 /// Channels out of the stem: `mixed_5b` (v2: 96 + 64 + 96 + 64) or `conv2d_4b` (v1: 256).
-fn stem_out(layout: IrLayout, width: f64) -> usize {
+fn stem_out(layout: ModelKind, width: f64) -> usize {
     match layout {
-        IrLayout::SlimV2 => ch(96, width) + ch(64, width) + ch(96, width) + ch(64, width),
-        IrLayout::FacenetV1 | IrLayout::PaperV1 => ch(256, width),
+        ModelKind::InceptionResnetV2 => ch(96, width) + ch(64, width) + ch(96, width) + ch(64, width),
         // Fig. 3: Mixed5a = 3x3/2 conv 192 || max pool over Mixed4a's 96 + 96
-        IrLayout::PaperV2 => ch(192, width) + 2 * ch(96, width),
+        ModelKind::InceptionResnetV2Paper => ch(192, width) + 2 * ch(96, width),
+        _ => ch(256, width),
     }
 }
 
@@ -113,7 +106,7 @@ fn block(channels: usize, branch0: usize, branch1: &[usize], branch2: &[usize]) 
 impl IrConfig {
     /// A table with the references' residual scales (0.17 / 0.10 / 0.20, last block 1.0).
     fn table(
-        layout: IrLayout,
+        layout: ModelKind,
         [block_a, block_b, block_c]: [ResBlockSpec; 3],
         reduction_a: [usize; 4],
         reduction_b: [Vec<usize>; 3],
@@ -139,7 +132,7 @@ impl IrConfig {
     /// TF-slim / timm `inception_resnet_v2`.
     pub fn slim_v2(num_classes: usize) -> Self {
         Self::table(
-            IrLayout::SlimV2,
+            ModelKind::InceptionResnetV2,
             [
                 block(320, 32, &[32, 32], &[32, 48, 64]),
                 block(1088, 192, &[128, 160, 192], &[]),
@@ -155,7 +148,7 @@ impl IrConfig {
     /// facenet-pytorch `InceptionResnetV1` (paper Figs. 10-14).
     pub fn facenet_v1(num_classes: usize) -> Self {
         Self::table(
-            IrLayout::FacenetV1,
+            ModelKind::InceptionResnetV1,
             [
                 block(256, 32, &[32, 32], &[32, 32, 32]),
                 block(896, 128, &[128, 128, 128], &[]),
@@ -171,7 +164,7 @@ impl IrConfig {
     /// The paper's Inception-ResNet-v1 (Figs. 10-14, Table 1): the facenet trunk without the
     /// extra final Block8 and bottleneck; the classifier sits on the pooled 1792 channels.
     pub fn paper_v1(num_classes: usize) -> Self {
-        Self { layout: IrLayout::PaperV1, ..Self::facenet_v1(num_classes) }
+        Self { layout: ModelKind::InceptionResnetV1Paper, ..Self::facenet_v1(num_classes) }
     }
 
     /// The paper's Inception-ResNet-v2 (Figs. 3, 16-19, Table 1). Fig. 19 draws Inception-ResNet-C
@@ -180,7 +173,7 @@ impl IrConfig {
     /// would need a projection on the shortcut that the paper never draws).
     pub fn paper_v2(num_classes: usize) -> Self {
         Self::table(
-            IrLayout::PaperV2,
+            ModelKind::InceptionResnetV2Paper,
             [
                 block(384, 32, &[32, 32], &[32, 48, 64]),
                 block(1152, 192, &[128, 160, 192], &[]),
@@ -191,6 +184,61 @@ impl IrConfig {
             [5, 10, 5],
             num_classes,
         )
+    }
+
+    /// The table of an Inception-ResNet kind (`None` for Inception-v4).
+    pub fn for_kind(kind: ModelKind, num_classes: usize) -> Option<Self> {
+        match kind {
+            ModelKind::InceptionV4 => None,
+            ModelKind::InceptionResnetV2 => Some(Self::slim_v2(num_classes)),
+            ModelKind::InceptionResnetV1 => Some(Self::facenet_v1(num_classes)),
+            ModelKind::InceptionResnetV2Paper => Some(Self::paper_v2(num_classes)),
+            ModelKind::InceptionResnetV1Paper => Some(Self::paper_v1(num_classes)),
+        }
+    }
+
+    /// The trunk in order, grouped into timm's feature stages: the single description of each
+    /// layout's topology. Part names are our field names (= checkpoint keys but for facenet's
+    /// `repeat_N`, see `weights::key_remap`); feature modules are named as in the checkpoints.
+    pub fn stages(&self) -> Vec<StageSpec> {
+        let w = self.width;
+        let (a, b, c) = (self.block_a.channels, self.block_b.channels, self.block_c.channels);
+        let stem = StageSpec::new("conv2d_2b", ch(64, w), 2, &["conv2d_1a", "conv2d_2a", "conv2d_2b"]);
+        let v3_stem = StageSpec::new("conv2d_4a", ch(192, w), 4, &["maxpool_3a", "conv2d_3b", "conv2d_4a"]);
+        match self.layout {
+            // TF-slim: Inception-v3 stem, Mixed_5b, 10 / 20 / 9 + 1 blocks, 1x1 to 1536
+            ModelKind::InceptionResnetV2 => vec![
+                stem,
+                v3_stem,
+                StageSpec::new("repeat", a, 8, &["maxpool_5a", "mixed_5b", "repeat"]),
+                StageSpec::new("repeat_1", b, 16, &["mixed_6a", "repeat_1"]),
+                StageSpec::new("conv2d_7b", ch(1536, w), 32, &["mixed_7a", "repeat_2", "block8", "conv2d_7b"]),
+            ],
+            // facenet: the paper's Fig. 14 stem, 5 / 10 / 5 + 1 blocks
+            ModelKind::InceptionResnetV1 => vec![
+                stem,
+                v3_stem,
+                StageSpec::new("repeat_1", a, 8, &["conv2d_4b", "repeat"]),
+                StageSpec::new("repeat_2", b, 16, &["mixed_6a", "repeat_1"]),
+                StageSpec::new("block8", c, 32, &["mixed_7a", "repeat_2", "block8"]),
+            ],
+            // the paper's IR-v1 (Figs. 10-15): Fig. 14 stem, 5 / 10 / 5 blocks
+            ModelKind::InceptionResnetV1Paper => vec![
+                stem,
+                v3_stem,
+                StageSpec::new("repeat", a, 8, &["conv2d_4b", "repeat"]),
+                StageSpec::new("repeat_1", b, 16, &["mixed_6a", "repeat_1"]),
+                StageSpec::new("repeat_2", c, 32, &["mixed_7a", "repeat_2"]),
+            ],
+            // the paper's IR-v2 (Figs. 3, 16-19): the Inception-v4 stem, 5 / 10 / 5 blocks
+            _ => vec![
+                stem,
+                StageSpec::new("mixed_4a", 2 * ch(96, w), 4, &["mixed_3a", "mixed_4a"]),
+                StageSpec::new("repeat", a, 8, &["mixed_5a", "repeat"]),
+                StageSpec::new("repeat_1", b, 16, &["mixed_6a", "repeat_1"]),
+                StageSpec::new("repeat_2", c, 32, &["mixed_7a", "repeat_2"]),
+            ],
+        }
     }
 
     /// The same layout with every channel count multiplied by `width` (rounded, at least 1).
@@ -274,7 +322,7 @@ impl ResBlock {
         if !self.branch2.is_empty() {
             parts.push(run_chain(&self.branch2, x.clone()));
         }
-        let up = conv_counted(&self.conv2d, Tensor::cat(parts, 1));
+        let up = self.conv2d.forward(Tensor::cat(parts, 1));
         let y = if self.shortcut { x + up.mul_scalar(self.scale) } else { up };
         if self.act { relu(y) } else { y }
     }
@@ -344,15 +392,15 @@ pub fn mixed_5b(width: f64, device: &Device) -> FourBranch {
     }
 }
 
-/// The Inception-ResNet trunk and head. Layout-specific parts are `Option`s: `conv2d_4b` (v1
-/// stem), `maxpool_5a` + `mixed_5b` + `conv2d_7b` + `classif` (slim v2), `last_linear` +
-/// `last_bn` + `logits` (facenet v1). Field names are the checkpoint keys (v2 names for the
-/// repeats; the facenet names are mapped in `weights::key_remap`).
+/// The Inception-ResNet trunk and head. A trunk part exists iff the layout's `stages` table
+/// lists it (the others are `None` or empty); the head is `classif` (timm v2, paper layouts)
+/// or facenet's `last_linear` + `last_bn` + `logits`. Field names are the checkpoint keys (v2
+/// names for the repeats; the facenet names are mapped in `weights::key_remap`).
 #[derive(Module, Debug)]
 pub struct InceptionResnet {
-    pub conv2d_1a: ConvBnAct,
-    pub conv2d_2a: ConvBnAct,
-    pub conv2d_2b: ConvBnAct,
+    pub conv2d_1a: Option<ConvBnAct>,
+    pub conv2d_2a: Option<ConvBnAct>,
+    pub conv2d_2b: Option<ConvBnAct>,
     pub maxpool_3a: Option<MaxPool2d>,
     pub conv2d_3b: Option<ConvBnAct>,
     pub conv2d_4a: Option<ConvBnAct>,
@@ -364,9 +412,9 @@ pub struct InceptionResnet {
     pub maxpool_5a: Option<MaxPool2d>,
     pub mixed_5b: Option<FourBranch>,
     pub repeat: Vec<ResBlock>,
-    pub mixed_6a: ReductionA,
+    pub mixed_6a: Option<ReductionA>,
     pub repeat_1: Vec<ResBlock>,
-    pub mixed_7a: ReductionB,
+    pub mixed_7a: Option<ReductionB>,
     pub repeat_2: Vec<ResBlock>,
     pub block8: Option<ResBlock>,
     pub conv2d_7b: Option<ConvBnAct>,
@@ -377,48 +425,49 @@ pub struct InceptionResnet {
     /// Paper layouts: dropout (keep 0.8) before the classifier, training only (Figs. 9, 15).
     pub dropout: Option<Dropout>,
     #[module(skip)]
-    pub layout: IrLayout,
+    pub layout: ModelKind,
     #[module(skip)]
     pub width: f64,
 }
 
 impl InceptionResnet {
+    /// Build the parts `cfg.stages()` lists, and the layout's head.
     pub fn new(cfg: &IrConfig, device: &Device) -> Self {
-        let v2 = cfg.layout == IrLayout::SlimV2;
-        let facenet = cfg.layout == IrLayout::FacenetV1;
-        let fig3 = cfg.layout == IrLayout::PaperV2;
-        let paper = matches!(cfg.layout, IrLayout::PaperV1 | IrLayout::PaperV2);
+        let parts: Vec<String> = cfg.stages().into_iter().flat_map(|s| s.parts).collect();
+        let has = |name: &str| parts.iter().any(|p| p == name);
+        let facenet = cfg.layout == ModelKind::InceptionResnetV1;
+        let paper = matches!(cfg.layout, ModelKind::InceptionResnetV1Paper | ModelKind::InceptionResnetV2Paper);
         let (a, b, cc) = (&cfg.block_a, &cfg.block_b, &cfg.block_c);
-        let stage = |kind: ResKind, s: &ResBlockSpec, n: usize, scale: f64| -> Vec<ResBlock> {
+        let stage = |name: &str, kind: ResKind, s: &ResBlockSpec, n: usize, scale: f64| -> Vec<ResBlock> {
+            let n = if has(name) { n } else { 0 };
             (0..n).map(|_| ResBlock { shortcut: !cfg.plain, ..ResBlock::new(kind, s, scale, true, device) }).collect()
         };
         let c = |n| ch(n, cfg.width);
-        assert_eq!(stem_out(cfg.layout, cfg.width), a.channels, "Block35 width must equal the stem output");
+        let conv = |name: &str, cin, cout, spec| has(name).then(|| ConvBnAct::new(cin, cout, spec, device));
+        // `block_a.channels` is re-derived from the stem in `with_width`
+        debug_assert_eq!(stem_out(cfg.layout, cfg.width), a.channels);
+        let pooled = if has("conv2d_7b") { c(1536) } else { cc.channels };
         Self {
-            conv2d_1a: ConvBnAct::new(3, c(32), k(3).s2(), device),
-            conv2d_2a: ConvBnAct::new(c(32), c(32), k(3), device),
-            conv2d_2b: ConvBnAct::new(c(32), c(64), k(3).same(), device),
-            maxpool_3a: (!fig3).then(max_pool_3s2),
-            conv2d_3b: (!fig3).then(|| ConvBnAct::new(c(64), c(80), k(1), device)),
-            conv2d_4a: (!fig3).then(|| ConvBnAct::new(c(80), c(192), k(3), device)),
-            mixed_3a: fig3.then(|| Mixed3a::new(cfg.width, device)),
-            mixed_4a: fig3.then(|| Mixed4a::new(cfg.width, device)),
-            mixed_5a: fig3.then(|| Mixed5a::new(cfg.width, device)),
-            conv2d_4b: (!v2 && !fig3).then(|| ConvBnAct::new(c(192), c(256), k(3).s2(), device)),
-            maxpool_5a: v2.then(max_pool_3s2),
-            mixed_5b: v2.then(|| mixed_5b(cfg.width, device)),
-            repeat: stage(ResKind::A, a, cfg.repeats[0], cfg.scales[0]),
-            mixed_6a: ReductionA::new(a.channels, cfg.reduction_a, device),
-            repeat_1: stage(ResKind::B, b, cfg.repeats[1], cfg.scales[1]),
-            mixed_7a: ReductionB::new(b.channels, &cfg.reduction_b, device),
-            repeat_2: stage(ResKind::C, cc, cfg.repeats[2], cfg.scales[2]),
-            block8: (!paper).then(|| ResBlock::new(ResKind::C, cc, cfg.last_scale, false, device)),
-            conv2d_7b: v2.then(|| ConvBnAct::new(cc.channels, c(1536), k(1), device)),
-            classif: match cfg.layout {
-                IrLayout::SlimV2 => classifier(c(1536), cfg.num_classes, device),
-                IrLayout::FacenetV1 => None,
-                IrLayout::PaperV1 | IrLayout::PaperV2 => classifier(cc.channels, cfg.num_classes, device),
-            },
+            conv2d_1a: conv("conv2d_1a", 3, c(32), k(3).s2()),
+            conv2d_2a: conv("conv2d_2a", c(32), c(32), k(3)),
+            conv2d_2b: conv("conv2d_2b", c(32), c(64), k(3).same()),
+            maxpool_3a: has("maxpool_3a").then(max_pool_3s2),
+            conv2d_3b: conv("conv2d_3b", c(64), c(80), k(1)),
+            conv2d_4a: conv("conv2d_4a", c(80), c(192), k(3)),
+            mixed_3a: has("mixed_3a").then(|| Mixed3a::new(cfg.width, device)),
+            mixed_4a: has("mixed_4a").then(|| Mixed4a::new(cfg.width, device)),
+            mixed_5a: has("mixed_5a").then(|| Mixed5a::new(cfg.width, device)),
+            conv2d_4b: conv("conv2d_4b", c(192), c(256), k(3).s2()),
+            maxpool_5a: has("maxpool_5a").then(max_pool_3s2),
+            mixed_5b: has("mixed_5b").then(|| mixed_5b(cfg.width, device)),
+            repeat: stage("repeat", ResKind::A, a, cfg.repeats[0], cfg.scales[0]),
+            mixed_6a: has("mixed_6a").then(|| ReductionA::new(a.channels, cfg.reduction_a, device)),
+            repeat_1: stage("repeat_1", ResKind::B, b, cfg.repeats[1], cfg.scales[1]),
+            mixed_7a: has("mixed_7a").then(|| ReductionB::new(b.channels, &cfg.reduction_b, device)),
+            repeat_2: stage("repeat_2", ResKind::C, cc, cfg.repeats[2], cfg.scales[2]),
+            block8: has("block8").then(|| ResBlock::new(ResKind::C, cc, cfg.last_scale, false, device)),
+            conv2d_7b: conv("conv2d_7b", cc.channels, c(1536), k(1)),
+            classif: if facenet { None } else { classifier(pooled, cfg.num_classes, device) },
             last_linear: facenet.then(|| LinearConfig::new(cc.channels, c(512)).with_bias(false).init(device)),
             last_bn: facenet.then(|| BatchNormConfig::new(c(512)).with_epsilon(BN_EPS).init(device)),
             logits: if facenet { classifier(c(512), cfg.num_classes, device) } else { None },
@@ -428,50 +477,75 @@ impl InceptionResnet {
         }
     }
 
-    /// Stage outputs as timm reports them (the paper layouts by analogy).
-    pub fn feature_info(layout: IrLayout, width: f64) -> Vec<FeatureInfo> {
-        let cfg = match layout {
-            IrLayout::SlimV2 => IrConfig::slim_v2(0),
-            IrLayout::FacenetV1 => IrConfig::facenet_v1(0),
-            IrLayout::PaperV1 => IrConfig::paper_v1(0),
-            IrLayout::PaperV2 => IrConfig::paper_v2(0),
-        }
-        .with_width(width);
-        let (a, b, c) = (cfg.block_a.channels, cfg.block_b.channels, cfg.block_c.channels);
-        let f = |m: &str, c, r| FeatureInfo { module: m.to_string(), channels: c, reduction: r };
-        let (c64, c192) = (ch(64, width), ch(192, width));
-        match layout {
-            IrLayout::SlimV2 => vec![
-                f("conv2d_2b", c64, 2),
-                f("conv2d_4a", c192, 4),
-                f("repeat", a, 8),
-                f("repeat_1", b, 16),
-                f("conv2d_7b", ch(1536, width), 32),
-            ],
-            IrLayout::FacenetV1 => vec![
-                f("conv2d_2b", c64, 2),
-                f("conv2d_4a", c192, 4),
-                f("repeat_1", a, 8),
-                f("repeat_2", b, 16),
-                f("block8", c, 32),
-            ],
-            IrLayout::PaperV1 => {
-                vec![
-                    f("conv2d_2b", c64, 2),
-                    f("conv2d_4a", c192, 4),
-                    f("repeat", a, 8),
-                    f("repeat_1", b, 16),
-                    f("repeat_2", c, 32),
-                ]
+    /// The trunk's stage table (see `IrConfig::stages`).
+    pub fn stages(&self) -> Vec<StageSpec> {
+        IrConfig::for_kind(self.layout, 0).map(|c| c.with_width(self.width).stages()).unwrap_or_default()
+    }
+
+    /// Run the trunk part named `part` (a field; an absent part passes `x` through).
+    pub fn forward_part(&self, part: &str, x: Tensor<4>) -> Tensor<4> {
+        fn opt<M>(m: &Option<M>, x: Tensor<4>, f: impl Fn(&M, Tensor<4>) -> Tensor<4>) -> Tensor<4> {
+            match m {
+                Some(m) => f(m, x),
+                None => x,
             }
-            IrLayout::PaperV2 => vec![
-                f("conv2d_2b", c64, 2),
-                f("mixed_4a", 2 * ch(96, width), 4),
-                f("repeat", a, 8),
-                f("repeat_1", b, 16),
-                f("repeat_2", c, 32),
-            ],
         }
+        let chain = |blocks: &[ResBlock], x| blocks.iter().fold(x, |x, b| b.forward(x));
+        match part {
+            "conv2d_1a" => opt(&self.conv2d_1a, x, ConvBnAct::forward),
+            "conv2d_2a" => opt(&self.conv2d_2a, x, ConvBnAct::forward),
+            "conv2d_2b" => opt(&self.conv2d_2b, x, ConvBnAct::forward),
+            "maxpool_3a" => opt(&self.maxpool_3a, x, MaxPool2d::forward),
+            "conv2d_3b" => opt(&self.conv2d_3b, x, ConvBnAct::forward),
+            "conv2d_4a" => opt(&self.conv2d_4a, x, ConvBnAct::forward),
+            "mixed_3a" => opt(&self.mixed_3a, x, Mixed3a::forward),
+            "mixed_4a" => opt(&self.mixed_4a, x, Mixed4a::forward),
+            "mixed_5a" => opt(&self.mixed_5a, x, Mixed5a::forward),
+            "conv2d_4b" => opt(&self.conv2d_4b, x, ConvBnAct::forward),
+            "maxpool_5a" => opt(&self.maxpool_5a, x, MaxPool2d::forward),
+            "mixed_5b" => opt(&self.mixed_5b, x, FourBranch::forward),
+            "repeat" => chain(&self.repeat, x),
+            "mixed_6a" => opt(&self.mixed_6a, x, ReductionA::forward),
+            "repeat_1" => chain(&self.repeat_1, x),
+            "mixed_7a" => opt(&self.mixed_7a, x, ReductionB::forward),
+            "repeat_2" => chain(&self.repeat_2, x),
+            "block8" => opt(&self.block8, x, ResBlock::forward),
+            "conv2d_7b" => opt(&self.conv2d_7b, x, ConvBnAct::forward),
+            _ => x,
+        }
+    }
+
+    /// The trunk parts by name, consumed (for the fast engine's lowering), and the head.
+    pub fn into_parts(self) -> (Vec<(&'static str, Part)>, Head) {
+        use Part as P;
+        let parts: Vec<(&'static str, Option<Part>)> = vec![
+            ("conv2d_1a", self.conv2d_1a.map(P::Conv)),
+            ("conv2d_2a", self.conv2d_2a.map(P::Conv)),
+            ("conv2d_2b", self.conv2d_2b.map(P::Conv)),
+            ("maxpool_3a", self.maxpool_3a.map(|_| P::MaxPool)),
+            ("conv2d_3b", self.conv2d_3b.map(P::Conv)),
+            ("conv2d_4a", self.conv2d_4a.map(P::Conv)),
+            ("mixed_3a", self.mixed_3a.map(P::Mixed3a)),
+            ("mixed_4a", self.mixed_4a.map(P::Mixed4a)),
+            ("mixed_5a", self.mixed_5a.map(P::Mixed5a)),
+            ("conv2d_4b", self.conv2d_4b.map(P::Conv)),
+            ("maxpool_5a", self.maxpool_5a.map(|_| P::MaxPool)),
+            ("mixed_5b", self.mixed_5b.map(P::FourBranch)),
+            ("repeat", Some(P::Residual(self.repeat))),
+            ("mixed_6a", self.mixed_6a.map(P::ReductionA)),
+            ("repeat_1", Some(P::Residual(self.repeat_1))),
+            ("mixed_7a", self.mixed_7a.map(P::IrReductionB)),
+            ("repeat_2", Some(P::Residual(self.repeat_2))),
+            ("block8", self.block8.map(|b| P::Residual(vec![b]))),
+            ("conv2d_7b", self.conv2d_7b.map(P::Conv)),
+        ];
+        let head = match self.layout {
+            ModelKind::InceptionResnetV1 => {
+                Head { bottleneck: self.last_linear.map(|l| (l, self.last_bn)), classifier: self.logits }
+            }
+            _ => Head { bottleneck: None, classifier: self.classif },
+        };
+        (parts.into_iter().filter_map(|(n, p)| p.map(|p| (n, p))).collect(), head)
     }
 
     /// Width of the pre-logits: `conv2d_7b` output (v2) or the facenet bottleneck (v1).
@@ -483,51 +557,10 @@ impl InceptionResnet {
         }
     }
 
-    /// Trunk up to the last feature map, calling `tap(stage_index, &output)` at each stage end.
-    pub fn forward_features_tapped(&self, x: Tensor<4>, tap: &mut dyn FnMut(usize, &Tensor<4>)) -> Tensor<4> {
-        let x = self.conv2d_1a.forward(x);
-        let x = self.conv2d_2a.forward(x);
-        let x = self.conv2d_2b.forward(x);
-        tap(0, &x);
-        let mut x = x;
-        if let (Some(p), Some(c3), Some(c4)) = (&self.maxpool_3a, &self.conv2d_3b, &self.conv2d_4a) {
-            x = c4.forward(c3.forward(p.forward(x)));
-        }
-        if let (Some(m3), Some(m4)) = (&self.mixed_3a, &self.mixed_4a) {
-            x = m4.forward(m3.forward(x));
-        }
-        tap(1, &x);
-        if let Some(m) = &self.mixed_5a {
-            x = m.forward(x);
-        }
-        if let Some(c) = &self.conv2d_4b {
-            x = c.forward(x);
-        }
-        if let (Some(p), Some(m)) = (&self.maxpool_5a, &self.mixed_5b) {
-            x = m.forward(p.forward(x));
-        }
-        let x = self.repeat.iter().fold(x, |x, b| b.forward(x));
-        tap(2, &x);
-        let x = self.mixed_6a.forward(x);
-        let x = self.repeat_1.iter().fold(x, |x, b| b.forward(x));
-        tap(3, &x);
-        let x = self.mixed_7a.forward(x);
-        let x = self.repeat_2.iter().fold(x, |x, b| b.forward(x));
-        let mut x = x;
-        if let Some(b) = &self.block8 {
-            x = b.forward(x);
-        }
-        if let Some(c) = &self.conv2d_7b {
-            x = c.forward(x);
-        }
-        tap(4, &x);
-        x
-    }
-
     /// Pooled features -> pre-logits (v2: the pooled 1536; v1: `last_bn(last_linear(.))`, 512-d).
     pub fn pre_logits(&self, pooled: Tensor<2>) -> Tensor<2> {
         match (&self.last_linear, &self.last_bn) {
-            (Some(l), Some(bn)) => bn.forward(linear_counted(l, pooled)),
+            (Some(l), Some(bn)) => bn.forward(l.forward(pooled)),
             _ => pooled,
         }
     }
@@ -542,15 +575,15 @@ impl InceptionResnet {
 
     pub fn classifier_ref(&self) -> &Option<Linear> {
         match self.layout {
-            IrLayout::FacenetV1 => &self.logits,
+            ModelKind::InceptionResnetV1 => &self.logits,
             _ => &self.classif,
         }
     }
 
-    pub fn set_classifier(&mut self, head: Option<Linear>) {
+    pub fn set_classifier(&mut self, classifier: Option<Linear>) {
         match self.layout {
-            IrLayout::FacenetV1 => self.logits = head,
-            _ => self.classif = head,
+            ModelKind::InceptionResnetV1 => self.logits = classifier,
+            _ => self.classif = classifier,
         }
     }
 }

@@ -10,7 +10,7 @@ use burn::tensor::{Device, Tensor};
 use crate::layers::{
     ConvBnAct, FourBranch, Layer, ch, conv_chain, k, k1xn, knx1, max_pool_3s2, pool_proj, run_chain, run_layers,
 };
-use crate::models::{FeatureInfo, classifier};
+use crate::models::{FeatureInfo, Head, Part, StageSpec, classifier};
 use burn::nn::Linear;
 
 /// Fig. 3, first split: 3x3 max pool || 3x3/2 conv 96, concatenated (pool first, 160 channels).
@@ -234,8 +234,20 @@ pub struct InceptionV4 {
     pub last_linear: Option<Linear>,
 }
 
-/// Output of `features.N` for N in these indices are the stages timm reports.
-const STAGE_ENDS: [usize; 5] = [2, 3, 9, 17, 21];
+/// The trunk's feature stages, as timm reports them: `features.0..=2` (the first convs of
+/// Fig. 3), `3` (Mixed3a), `4..=9` (Mixed4a, Mixed5a, 4 x Inception-A), `10..=17` (Reduction-A,
+/// 7 x Inception-B), `18..=21` (Reduction-B, 3 x Inception-C). The one place the v4 trunk is
+/// grouped; `InceptionV4::new` writes the blocks in order.
+pub fn stages() -> Vec<StageSpec> {
+    [(0..=2, 64, 2), (3..=3, 160, 4), (4..=9, 384, 8), (10..=17, 1024, 16), (18..=21, 1536, 32)]
+        .into_iter()
+        .map(|(range, channels, reduction)| {
+            let parts: Vec<String> = range.map(|i| format!("features.{i}")).collect();
+            let module = parts.last().cloned().unwrap_or_default();
+            StageSpec { info: FeatureInfo { module, channels, reduction }, parts }
+        })
+        .collect()
+}
 
 impl InceptionV4 {
     pub fn new(num_classes: usize, device: &Device) -> Self {
@@ -255,22 +267,36 @@ impl InceptionV4 {
         Self { features: f, last_linear: classifier(1536, num_classes, device) }
     }
 
-    pub fn feature_info() -> Vec<FeatureInfo> {
-        [(64, 2), (160, 4), (384, 8), (1024, 16), (1536, 32)]
-            .iter()
-            .zip(STAGE_ENDS)
-            .map(|(&(channels, reduction), i)| FeatureInfo { module: format!("features.{i}"), channels, reduction })
-            .collect()
+    /// Run the part `features.N`.
+    pub fn forward_part(&self, part: &str, x: Tensor<4>) -> Tensor<4> {
+        let block =
+            part.strip_prefix("features.").and_then(|i| i.parse::<usize>().ok()).and_then(|i| self.features.get(i));
+        match block {
+            Some(b) => b.forward(x),
+            None => x,
+        }
     }
 
-    /// Run the trunk, calling `tap(stage_index, &output)` after each stage end.
-    pub fn forward_features_tapped(&self, mut x: Tensor<4>, tap: &mut dyn FnMut(usize, &Tensor<4>)) -> Tensor<4> {
-        for (i, block) in self.features.iter().enumerate() {
-            x = block.forward(x);
-            if let Some(s) = STAGE_ENDS.iter().position(|&e| e == i) {
-                tap(s, &x);
-            }
-        }
-        x
+    /// The blocks as named parts, consumed (for the fast engine's lowering), and the head.
+    pub fn into_parts(self) -> (Vec<(String, Part)>, Head) {
+        let parts = self
+            .features
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let p = match b {
+                    V4Block::Conv(c) => Part::Conv(c),
+                    V4Block::Mixed3a(m) => Part::Mixed3a(m),
+                    V4Block::Mixed4a(m) => Part::Mixed4a(m),
+                    V4Block::Mixed5a(m) => Part::Mixed5a(m),
+                    V4Block::InceptionA(b) | V4Block::InceptionB(b) => Part::FourBranch(b),
+                    V4Block::ReductionA(r) => Part::ReductionA(r),
+                    V4Block::ReductionB(r) => Part::ReductionB(r),
+                    V4Block::InceptionC(c) => Part::InceptionC(c),
+                };
+                (format!("features.{i}"), p)
+            })
+            .collect();
+        (parts, Head { bottleneck: None, classifier: self.last_linear })
     }
 }

@@ -1,6 +1,11 @@
 //! Model registry: names as in timm (dashes accepted), pretrained configs, and one `Model` type
 //! with the timm-style API (`forward`, `forward_features`, `forward_head`, `feature_info`,
 //! `reset_classifier`, `embed`).
+//!
+//! Each family describes its trunk once, as a list of `StageSpec`s (timm's feature stages, each
+//! an ordered list of named parts): `inception_v4::stages` and `IrConfig::stages`. The burn
+//! forward, the fast engine's lowering (`crate::lower`), `feature_info`, `stage_of_key` and
+//! `summary` all walk that list.
 
 pub mod inception_resnet;
 pub mod inception_v4;
@@ -14,7 +19,7 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
-use crate::layers::{add_macs, global_avg_pool};
+use crate::layers::{self, global_avg_pool};
 pub use crate::preprocess::{Interpolation, Preprocess};
 use inception_resnet::{InceptionResnet, IrConfig};
 use inception_v4::InceptionV4;
@@ -64,18 +69,6 @@ impl ModelKind {
             }
         }
     }
-
-    /// The Inception-ResNet layout of this kind (`None` for Inception-v4).
-    pub fn ir_layout(self) -> Option<inception_resnet::IrLayout> {
-        use inception_resnet::IrLayout;
-        match self {
-            ModelKind::InceptionV4 => None,
-            ModelKind::InceptionResnetV2 => Some(IrLayout::SlimV2),
-            ModelKind::InceptionResnetV1 => Some(IrLayout::FacenetV1),
-            ModelKind::InceptionResnetV2Paper => Some(IrLayout::PaperV2),
-            ModelKind::InceptionResnetV1Paper => Some(IrLayout::PaperV1),
-        }
-    }
 }
 
 impl fmt::Display for ModelKind {
@@ -109,6 +102,50 @@ impl PretrainedCfg {
     fn imagenet(hub_id: &str, crop_pct: f64) -> Self {
         Self { hub_id: Some(hub_id.to_string()), pre: Preprocess::inception(299, crop_pct), num_classes: 1000 }
     }
+}
+
+/// One feature stage of a trunk: what timm's `feature_info` reports, and the trunk parts (field
+/// names, or `features.N` for Inception-v4) that make it, in execution order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StageSpec {
+    pub info: FeatureInfo,
+    pub parts: Vec<String>,
+}
+
+impl StageSpec {
+    pub fn new(module: &str, channels: usize, reduction: usize, parts: &[&str]) -> Self {
+        Self {
+            info: FeatureInfo { module: module.to_string(), channels, reduction },
+            parts: parts.iter().map(|p| p.to_string()).collect(),
+        }
+    }
+}
+
+/// One trunk part, handed over by value to the fast engine's lowering (`crate::lower`).
+// Built once per model; the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum Part {
+    Conv(layers::ConvBnAct),
+    /// 3x3 / 2 max pool.
+    MaxPool,
+    Mixed3a(inception_v4::Mixed3a),
+    Mixed4a(inception_v4::Mixed4a),
+    Mixed5a(inception_v4::Mixed5a),
+    /// Inception-A / -B of v4 and TF-slim's Mixed_5b.
+    FourBranch(layers::FourBranch),
+    ReductionA(inception_v4::ReductionA),
+    ReductionB(inception_v4::ReductionB),
+    InceptionC(inception_v4::InceptionC),
+    IrReductionB(inception_resnet::ReductionB),
+    /// A run of residual blocks (Inception-ResNet-A, -B or -C).
+    Residual(Vec<inception_resnet::ResBlock>),
+}
+
+/// What follows global pooling: facenet's bottleneck (`last_linear` + `last_bn`), and the
+/// classifier.
+pub struct Head {
+    pub bottleneck: Option<(Linear, Option<burn::nn::BatchNorm>)>,
+    pub classifier: Option<Linear>,
 }
 
 /// One stage output as timm's `feature_info` reports it.
@@ -150,12 +187,6 @@ pub fn classifier(cin: usize, num_classes: usize, device: &Device) -> Option<Lin
     (num_classes > 0).then(|| LinearConfig::new(cin, num_classes).init(device))
 }
 
-pub fn linear_counted(l: &Linear, x: Tensor<2>) -> Tensor<2> {
-    let [i, o] = l.weight.dims();
-    add_macs((x.dims()[0] * i * o) as u64);
-    l.forward(x)
-}
-
 // Built once per model; the size of the largest variant does not matter.
 #[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
@@ -169,13 +200,8 @@ impl Model {
         match cfg.model {
             ModelKind::InceptionV4 => Model::V4(InceptionV4::new(cfg.num_classes, device)),
             kind => {
-                let n = cfg.num_classes;
-                let ir = match kind {
-                    ModelKind::InceptionResnetV1 => IrConfig::facenet_v1(n),
-                    ModelKind::InceptionResnetV2Paper => IrConfig::paper_v2(n),
-                    ModelKind::InceptionResnetV1Paper => IrConfig::paper_v1(n),
-                    _ => IrConfig::slim_v2(n),
-                };
+                let ir =
+                    IrConfig::for_kind(kind, cfg.num_classes).unwrap_or_else(|| IrConfig::slim_v2(cfg.num_classes));
                 let mut ir = ir.with_width(cfg.width);
                 ir.plain = cfg.plain;
                 if let Some(scale) = cfg.residual_scale {
@@ -189,12 +215,7 @@ impl Model {
     pub fn kind(&self) -> ModelKind {
         match self {
             Model::V4(_) => ModelKind::InceptionV4,
-            Model::Ir(m) => match m.layout {
-                inception_resnet::IrLayout::SlimV2 => ModelKind::InceptionResnetV2,
-                inception_resnet::IrLayout::FacenetV1 => ModelKind::InceptionResnetV1,
-                inception_resnet::IrLayout::PaperV2 => ModelKind::InceptionResnetV2Paper,
-                inception_resnet::IrLayout::PaperV1 => ModelKind::InceptionResnetV1Paper,
-            },
+            Model::Ir(m) => m.layout,
         }
     }
 
@@ -247,28 +268,57 @@ impl Model {
         self
     }
 
+    /// The trunk's description (see the module docs).
+    pub fn stages(&self) -> Vec<StageSpec> {
+        match self {
+            Model::V4(_) => inception_v4::stages(),
+            Model::Ir(m) => m.stages(),
+        }
+    }
+
     pub fn feature_info(&self) -> Vec<FeatureInfo> {
-        feature_info(self.kind(), self.config().width)
+        self.stages().into_iter().map(|s| s.info).collect()
     }
 
     /// Trunk up to the last feature map, calling `tap(stage, &output)` at each `feature_info` stage.
-    pub fn forward_features_tapped(&self, x: Tensor<4>, tap: &mut dyn FnMut(usize, &Tensor<4>)) -> Tensor<4> {
-        match self {
-            Model::V4(m) => m.forward_features_tapped(x, tap),
-            Model::Ir(m) => m.forward_features_tapped(x, tap),
+    pub fn forward_features_tapped(&self, mut x: Tensor<4>, tap: &mut dyn FnMut(usize, &Tensor<4>)) -> Tensor<4> {
+        for (i, stage) in self.stages().iter().enumerate() {
+            for part in &stage.parts {
+                x = match self {
+                    Model::V4(m) => m.forward_part(part, x),
+                    Model::Ir(m) => m.forward_part(part, x),
+                };
+            }
+            tap(i, &x);
         }
+        x
+    }
+
+    /// The trunk parts in execution order with the index of their stage, and the head,
+    /// consumed: what the fast engine is lowered from.
+    pub fn into_parts(self) -> (Vec<(usize, Part)>, Head) {
+        let stages = self.stages();
+        let (mut parts, head): (Vec<(String, Part)>, Head) = match self {
+            Model::V4(m) => m.into_parts(),
+            Model::Ir(m) => {
+                let (p, h) = m.into_parts();
+                (p.into_iter().map(|(n, p)| (n.to_string(), p)).collect(), h)
+            }
+        };
+        let mut ordered = Vec::with_capacity(parts.len());
+        for (i, stage) in stages.iter().enumerate() {
+            for name in &stage.parts {
+                if let Some(at) = parts.iter().position(|(n, _)| n == name) {
+                    ordered.push((i, parts.swap_remove(at).1));
+                }
+            }
+        }
+        (ordered, head)
     }
 
     /// Last feature map `[N, C, H/32, W/32]` (before global pooling).
     pub fn forward_features(&self, x: Tensor<4>) -> Tensor<4> {
         self.forward_features_tapped(x, &mut |_, _| {})
-    }
-
-    /// Every `feature_info` stage output, in order.
-    pub fn forward_stages(&self, x: Tensor<4>) -> Vec<Tensor<4>> {
-        let mut out = Vec::new();
-        self.forward_features_tapped(x, &mut |_, t| out.push(t.clone()));
-        out
     }
 
     /// Global pool (+ the facenet bottleneck) and, unless `pre_logits`, the classifier.
@@ -279,8 +329,8 @@ impl Model {
             Model::Ir(m) => m.pre_logits(pooled),
         };
         match (pre_logits, self.head(), self) {
-            (false, Some(l), Model::Ir(m)) => linear_counted(l, m.head_dropout(pre)),
-            (false, Some(l), _) => linear_counted(l, pre),
+            (false, Some(l), Model::Ir(m)) => l.forward(m.head_dropout(pre)),
+            (false, Some(l), _) => l.forward(pre),
             _ => pre,
         }
     }
@@ -310,12 +360,17 @@ impl Model {
     }
 }
 
+/// The trunk description of a model kind at a width multiplier, without building the model.
+pub fn stages(kind: ModelKind, width: f64) -> Vec<StageSpec> {
+    match IrConfig::for_kind(kind, 0) {
+        None => inception_v4::stages(),
+        Some(cfg) => cfg.with_width(width).stages(),
+    }
+}
+
 /// `feature_info` of a model kind at a width multiplier, without building the model.
 pub fn feature_info(kind: ModelKind, width: f64) -> Vec<FeatureInfo> {
-    match kind.ir_layout() {
-        None => InceptionV4::feature_info(),
-        Some(layout) => InceptionResnet::feature_info(layout, width),
-    }
+    stages(kind, width).into_iter().map(|s| s.info).collect()
 }
 
 /// `x / max(||x||_2, 1e-12)` along dim 1, as `torch.nn.functional.normalize`.
@@ -324,37 +379,15 @@ pub fn l2_normalize(x: Tensor<2>) -> Tensor<2> {
     x / norm
 }
 
-/// Which `feature_info` stage a checkpoint key belongs to (`None`: the head).
+/// Which `feature_info` stage a checkpoint key belongs to (`None`: the head), from the trunk
+/// description: the stage listing the key's part (`features.N` for v4, else its first field).
 pub fn stage_of_key(kind: ModelKind, key: &str) -> Option<usize> {
-    let first = key.split('.').next().unwrap_or("");
-    match kind {
-        ModelKind::InceptionV4 => {
-            let idx: usize = key.strip_prefix("features.")?.split('.').next()?.parse().ok()?;
-            [2usize, 3, 9, 17, 21].iter().position(|&end| idx <= end)
-        }
-        ModelKind::InceptionResnetV2 => match first {
-            "conv2d_1a" | "conv2d_2a" | "conv2d_2b" => Some(0),
-            "conv2d_3b" | "conv2d_4a" => Some(1),
-            "mixed_5b" | "repeat" => Some(2),
-            "mixed_6a" | "repeat_1" => Some(3),
-            "mixed_7a" | "repeat_2" | "block8" | "conv2d_7b" => Some(4),
-            _ => None,
-        },
-        ModelKind::InceptionResnetV1 => match first {
-            "conv2d_1a" | "conv2d_2a" | "conv2d_2b" => Some(0),
-            "conv2d_3b" | "conv2d_4a" => Some(1),
-            "conv2d_4b" | "repeat_1" => Some(2),
-            "mixed_6a" | "repeat_2" => Some(3),
-            "mixed_7a" | "repeat_3" | "block8" => Some(4),
-            _ => None,
-        },
-        ModelKind::InceptionResnetV2Paper | ModelKind::InceptionResnetV1Paper => match first {
-            "conv2d_1a" | "conv2d_2a" | "conv2d_2b" => Some(0),
-            "conv2d_3b" | "conv2d_4a" | "mixed_3a" | "mixed_4a" => Some(1),
-            "conv2d_4b" | "mixed_5a" | "repeat" => Some(2),
-            "mixed_6a" | "repeat_1" => Some(3),
-            "mixed_7a" | "repeat_2" => Some(4),
-            _ => None,
-        },
-    }
+    let field = crate::weights::field_of_key(kind, key);
+    let mut segs = field.split('.');
+    let first = segs.next().unwrap_or("");
+    let part = match (first, segs.next()) {
+        ("features", Some(i)) => format!("features.{i}"),
+        _ => first.to_string(),
+    };
+    stages(kind, 1.0).iter().position(|s| s.parts.contains(&part))
 }

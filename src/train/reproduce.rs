@@ -109,7 +109,7 @@ pub fn cost(arms: &[Arm]) -> Vec<(String, usize, u64)> {
             continue;
         }
         let m = Model::new(&ModelConfig { num_classes: 10, ..a.config.model.clone() }, &Device::flex());
-        let macs = summarize(&m, a.config.size, &Device::flex()).map(|s| s.total_macs).unwrap_or(0);
+        let macs = summarize(&m, a.config.size).map(|s| s.total_macs).unwrap_or(0);
         out.push((a.name.clone(), m.num_params(), macs));
     }
     out
