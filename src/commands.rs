@@ -31,15 +31,17 @@ pub struct Prediction {
     pub error: Option<String>,
 }
 
-/// The `k` most probable classes of one logits row; non-finite logits are an error.
-pub fn top_k(b: &Bundle, logits: &[f32], k: usize) -> Result<Vec<Class>> {
+/// The `k` most probable classes of one logits row (named from `classes`, else `class i`);
+/// non-finite logits are an error.
+pub fn top_k(classes: &[String], logits: &[f32], k: usize) -> Result<Vec<Class>> {
     if logits.iter().any(|v| !v.is_finite()) {
         return Err(Error::Invalid("the model produced non-finite scores (NaN / inf) for this input".into()));
     }
     let p = softmax(logits);
     let mut idx: Vec<usize> = (0..p.len()).collect();
     idx.sort_by(|&a, &c| p[c].total_cmp(&p[a]).then(a.cmp(&c)));
-    Ok(idx.into_iter().take(k).map(|i| Class { index: i, name: b.class_name(i), prob: p[i] }).collect())
+    let name = |i: usize| classes.get(i).cloned().unwrap_or_else(|| format!("class {i}"));
+    Ok(idx.into_iter().take(k).map(|i| Class { index: i, name: name(i), prob: p[i] }).collect())
 }
 
 /// Classify each image on its own: a bad image is an error entry, the others go on.
@@ -49,7 +51,7 @@ pub fn classify(b: &Bundle, p: &Predictor, images: &[PathBuf], k: usize) -> Vec<
         .iter()
         .map(|path| {
             let image = path.display().to_string();
-            let r = b.pre.load(path).and_then(|x| top_k(b, &p.run(&x, [1, 3, s, s], false).logits.data, k));
+            let r = b.pre.load(path).and_then(|x| top_k(&b.classes, &p.run(&x, [1, 3, s, s], false).logits.data, k));
             match r {
                 Ok(top) => Prediction { image, top, error: None },
                 Err(e) => Prediction { image, top: Vec::new(), error: Some(e.to_string()) },

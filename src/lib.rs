@@ -22,6 +22,7 @@ pub mod labels;
 pub mod lower;
 pub mod predict;
 pub mod preprocess;
+pub mod serve;
 pub mod sgemm;
 pub mod summary;
 pub mod train;

@@ -191,6 +191,27 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// An HTTP service: POST /v1/classify, /v1/embed; GET / (a page), /v1/models, /healthz,
+    /// /metrics. Without --model / --weights: the embedded demo model.
+    Serve {
+        #[command(flatten)]
+        src: Source,
+        /// Address to listen on (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        addr: std::net::SocketAddr,
+        /// Most requests in one forward pass.
+        #[arg(long, default_value_t = 8, value_parser = usize_range(1, 1024))]
+        max_batch: usize,
+        /// How long the engine waits for more requests to batch, in milliseconds.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+        batch_window_ms: u64,
+        /// Requests waiting for the engine before new ones get 503.
+        #[arg(long, default_value_t = 64, value_parser = usize_range(1, 1_000_000))]
+        queue: usize,
+        /// Largest request body in MB (413 above).
+        #[arg(long, default_value_t = 20, value_parser = usize_range(1, 1024))]
+        max_body_mb: usize,
+    },
     /// Per stage output shape, parameters and MACs.
     Summary {
         #[arg(long, default_value = "inception_resnet_v2", value_parser = args::model())]
@@ -392,6 +413,19 @@ fn run(cli: Cli) -> Result<bool> {
             let budget: Budget = serde_json::from_value(serde_json::Value::String(budget))?;
             let report = train::reproduce::run(exp, budget, &data, &out, &dev)?;
             println!("{}", std::fs::read_to_string(&report)?);
+            Ok(true)
+        }
+        Cmd::Serve { src, addr, max_batch, batch_window_ms, queue, max_body_mb } => {
+            let (b, p) = load(&src)?;
+            let cfg = inception::serve::ServeConfig {
+                addr,
+                max_batch,
+                batch_window: std::time::Duration::from_millis(batch_window_ms),
+                queue,
+                max_body: max_body_mb << 20,
+            };
+            let name = b.model.kind().name();
+            inception::serve::serve(b, p, cfg, |a| eprintln!("serving {name} on http://{a}/ (Ctrl-C to stop)"))?;
             Ok(true)
         }
         Cmd::Summary { model, size, json } => {
