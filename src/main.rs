@@ -212,6 +212,11 @@ enum Cmd {
         #[arg(long, default_value_t = 20, value_parser = usize_range(1, 1024))]
         max_body_mb: usize,
     },
+    /// Redraw the plots of a training run folder or a `reproduce` folder from its results.
+    Plot {
+        /// A run folder (metrics.json) or an experiment folder (results.csv).
+        dir: PathBuf,
+    },
     /// Per stage output shape, parameters and MACs.
     Summary {
         #[arg(long, default_value = "inception_resnet_v2", value_parser = args::model())]
@@ -426,6 +431,15 @@ fn run(cli: Cli) -> Result<bool> {
             };
             let name = b.model.kind().name();
             inception::serve::serve(b, p, cfg, |a| eprintln!("serving {name} on http://{a}/ (Ctrl-C to stop)"))?;
+            Ok(true)
+        }
+        Cmd::Plot { dir } => {
+            if dir.join("results.csv").exists() {
+                train::reproduce::replot(&dir)?;
+            } else {
+                train::replot(&dir)?;
+            }
+            println!("wrote {}", dir.join("curves.png").display());
             Ok(true)
         }
         Cmd::Summary { model, size, json } => {

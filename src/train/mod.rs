@@ -519,7 +519,7 @@ pub fn zero_fraction(model: &Model, ds: &Dataset, cfg: &TrainConfig, device: &De
     zeros / n
 }
 
-fn write_metrics(dir: &Path, history: &[EpochMetrics]) -> Result<()> {
+fn write_metrics(dir: &Path, cfg: &TrainConfig, history: &[EpochMetrics]) -> Result<()> {
     let mut csv = String::from(
         "epoch,lr,train_loss,train_top1,eval_loss,eval_top1,eval_top5,images_per_s,seconds,skipped,zero_fraction\n",
     );
@@ -542,7 +542,19 @@ fn write_metrics(dir: &Path, history: &[EpochMetrics]) -> Result<()> {
     weights::write_atomic(&dir.join("metrics.csv"), csv.as_bytes())?;
     let js = serde_json::to_vec_pretty(history).map_err(|e| Error::Invalid(e.to_string()))?;
     weights::write_atomic(&dir.join("metrics.json"), &js)?;
-    plot::curves(&dir.join("curves.png"), history)
+    let title = format!("{} (width {}) on {}", cfg.model.model, cfg.model.width, cfg.data);
+    plot::curves(&dir.join("curves.png"), &title, history)
+}
+
+/// Redraw `curves.png` (+ `.svg`) of a run folder from its `metrics.json` and `config.json`.
+pub fn replot(dir: &Path) -> Result<()> {
+    let read = |f: &str| weights::read_file(&dir.join(f));
+    let history: Vec<EpochMetrics> = serde_json::from_slice(&read("metrics.json")?)
+        .map_err(|e| Error::Invalid(format!("{}: {e}", dir.display())))?;
+    let cfg: TrainConfig =
+        serde_json::from_slice(&read("config.json")?).map_err(|e| Error::Invalid(format!("{}: {e}", dir.display())))?;
+    let title = format!("{} (width {}) on {}", cfg.model.model, cfg.model.width, cfg.data);
+    plot::curves(&dir.join("curves.png"), &title, &history)
 }
 
 /// What `train` returns.
@@ -721,7 +733,7 @@ pub fn train(
         progress.loss_sum = 0.0;
         progress.correct = 0;
         progress.seen = 0;
-        write_metrics(dir, &progress.history)?;
+        write_metrics(dir, &cfg, &progress.history)?;
         save_checkpoint(dir, &cfg, &model, &state, &progress)?;
     }
     let final_model = optim::ema_model(&model, &state);

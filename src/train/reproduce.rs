@@ -150,6 +150,100 @@ pub fn run(exp: Experiment, budget: Budget, data: &str, out: &Path, device: &Dev
     Ok(out.join("report.md"))
 }
 
+/// `curves.png` (+ `.svg`) of an experiment: eval accuracy per arm and seed, and the zero
+/// fraction (scaling) or the training loss (speed-up).
+fn plot_results(exp: Experiment, out: &Path, results: &[RunResult]) -> Result<()> {
+    let mut names: Vec<&String> = results.iter().map(|r| &r.arm).collect();
+    names.dedup();
+    let colour = |arm: &str| plot::PALETTE[names.iter().position(|n| *n == arm).unwrap_or(0) % plot::PALETTE.len()];
+    let scaling = exp == Experiment::ResidualScaling;
+    let series = |f: fn(&EpochMetrics) -> f64| -> Vec<plot::Series> {
+        results
+            .iter()
+            .map(|r| {
+                plot::Series::per_epoch(
+                    &format!("{} (seed {})", r.arm, r.seed),
+                    colour(&r.arm),
+                    r.history.iter().map(f),
+                )
+            })
+            .collect()
+    };
+    let left = plot::Panel {
+        title: "Evaluation accuracy".into(),
+        x_label: "epoch".into(),
+        y_label: "eval top-1 (fraction)".into(),
+        series: series(|m| m.eval_top1),
+        y_range: Some((0.0, 1.0)),
+    };
+    let right = if scaling {
+        plot::Panel {
+            title: "Dying network probe (Sec. 3.3)".into(),
+            x_label: "epoch".into(),
+            y_label: "zeros before pooling (fraction)".into(),
+            series: series(|m| m.zero_fraction),
+            y_range: Some((0.0, 1.0)),
+        }
+    } else {
+        plot::Panel {
+            title: "Training loss".into(),
+            x_label: "epoch".into(),
+            y_label: "cross-entropy (nats)".into(),
+            series: series(|m| m.train_loss),
+            y_range: None,
+        }
+    };
+    let title = format!("inception reproduce {}", serde_json::to_string(&exp).unwrap_or_default().trim_matches('"'));
+    plot::panels(&out.join("curves.png"), &title, &[left, right])?;
+    Ok(())
+}
+
+/// Redraw the plots of a finished experiment folder from its `results.csv` (and each arm's
+/// run folder from its metrics).
+pub fn replot(dir: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(dir.join("results.csv"))
+        .map_err(|err| Error::Io { path: dir.join("results.csv"), err })?;
+    let mut results: Vec<RunResult> = Vec::new();
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        if f.len() < 8 {
+            continue;
+        }
+        let num = |i: usize| f[i].parse::<f64>().unwrap_or(f64::NAN);
+        let seed: u64 = f[1].parse().unwrap_or(0);
+        let m = EpochMetrics {
+            epoch: f[2].parse().unwrap_or(0),
+            lr: 0.0,
+            train_loss: num(6),
+            train_top1: f64::NAN,
+            eval_loss: num(5),
+            eval_top1: num(4),
+            eval_top5: f64::NAN,
+            images_per_s: 0.0,
+            seconds: 0.0,
+            skipped: 0,
+            zero_fraction: num(7),
+        };
+        match results.iter_mut().find(|r| r.arm == f[0] && r.seed == seed) {
+            Some(r) => r.history.push(m),
+            None => results.push(RunResult { arm: f[0].to_string(), seed, history: vec![m], seconds: 0.0 }),
+        }
+    }
+    let exp = if results.iter().any(|r| r.arm.starts_with("scale")) {
+        Experiment::ResidualScaling
+    } else {
+        Experiment::ResidualSpeedup
+    };
+    plot_results(exp, dir, &results)?;
+    for r in &results {
+        let run = dir.join(format!("{}_seed{}", r.arm, r.seed));
+        if run.join("metrics.json").exists() {
+            crate::train::replot(&run)?;
+        }
+    }
+    Ok(())
+}
+
 fn write_report(
     exp: Experiment,
     budget: Budget,
@@ -172,23 +266,8 @@ fn write_report(
     }
     crate::weights::write_atomic(&out.join("results.csv"), csv.as_bytes())?;
     // curves: eval top-1 (left) and, for scaling, zero fraction / for speedup, train loss (right)
-    let colours = [plot::BLUE, plot::ORANGE];
+    plot_results(exp, out, results)?;
     let names: Vec<&String> = costs.iter().map(|(n, _, _)| n).collect();
-    let colour = |arm: &str| colours[names.iter().position(|n| *n == arm).unwrap_or(0) % 2];
-    let left: Vec<_> =
-        results.iter().map(|r| (r.history.iter().map(|m| m.eval_top1).collect::<Vec<_>>(), colour(&r.arm))).collect();
-    let right: Vec<_> = results
-        .iter()
-        .map(|r| {
-            let v = r
-                .history
-                .iter()
-                .map(|m| if exp == Experiment::ResidualScaling { m.zero_fraction } else { m.train_loss });
-            (v.collect::<Vec<_>>(), colour(&r.arm))
-        })
-        .collect();
-    let right_range = (exp == Experiment::ResidualScaling).then_some((0.0, 1.0));
-    plot::two_panels(&out.join("curves.png"), [(left, Some((0.0, 1.0))), (right, right_range)])?;
 
     let mut md =
         format!("# inception reproduce {}\n\n", serde_json::to_string(&exp).unwrap_or_default().trim_matches('"'));
