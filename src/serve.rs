@@ -208,13 +208,11 @@ async fn image_bytes(state: &Arc<AppState>, req: Request) -> std::result::Result
     if multipart {
         let mut form =
             Multipart::from_request(req, &()).await.map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))?;
-        loop {
-            match form.next_field().await {
-                Ok(Some(field)) => return field.bytes().await.map_err(|e| too_big(&e)),
-                Ok(None) => return Err(error(StatusCode::BAD_REQUEST, "multipart form without a file")),
-                Err(e) => return Err(too_big(&e)),
-            }
-        }
+        return match form.next_field().await {
+            Ok(Some(field)) => field.bytes().await.map_err(|e| too_big(&e)),
+            Ok(None) => Err(error(StatusCode::BAD_REQUEST, "multipart form without a file")),
+            Err(e) => Err(too_big(&e)),
+        };
     }
     Bytes::from_request(req, &()).await.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
