@@ -416,7 +416,16 @@ fn run(cli: Cli) -> Result<bool> {
         Cmd::Reproduce { experiment, data, budget, out } => {
             let exp: Experiment = serde_json::from_value(serde_json::Value::String(experiment))?;
             let budget: Budget = serde_json::from_value(serde_json::Value::String(budget))?;
-            let report = train::reproduce::run(exp, budget, &data, &out, &dev)?;
+            let pb = bar(0, "");
+            let report = train::reproduce::run(exp, budget, &data, &out, &dev, &mut |label, s, n, loss| {
+                if pb.length() != Some(n as u64) || s == 1 {
+                    pb.reset();
+                    pb.set_length(n as u64);
+                }
+                pb.set_position(s as u64);
+                pb.set_message(format!("{label}: loss {loss:.4}"));
+            })?;
+            pb.finish_and_clear();
             println!("{}", std::fs::read_to_string(&report)?);
             Ok(true)
         }

@@ -58,7 +58,7 @@ fn a_two_step_run_of_each_experiment_writes_every_report_file() {
     let data = tiny_folder();
     for exp in [Experiment::ResidualSpeedup, Experiment::ResidualScaling] {
         let out = data.join(format!("out_{exp:?}"));
-        run(exp, Budget::Test, data.to_str().unwrap(), &out, &Device::flex()).unwrap();
+        run(exp, Budget::Test, data.to_str().unwrap(), &out, &Device::flex(), &mut |_, _, _, _| {}).unwrap();
         for f in ["report.md", "results.csv", "curves.png"] {
             assert!(out.join(f).exists(), "{exp:?}: {f}");
         }

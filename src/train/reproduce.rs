@@ -132,7 +132,15 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
 
 /// Run every arm (each into `out/<arm>_seed<k>/`) and write `results.csv`, `curves.png` and
 /// `report.md` into `out`.
-pub fn run(exp: Experiment, budget: Budget, data: &str, out: &Path, device: &Device) -> Result<PathBuf> {
+/// `progress(run label, step, steps, loss)` is called after every training step.
+pub fn run(
+    exp: Experiment,
+    budget: Budget,
+    data: &str,
+    out: &Path,
+    device: &Device,
+    progress: &mut dyn FnMut(&str, usize, usize, f64),
+) -> Result<PathBuf> {
     std::fs::create_dir_all(out).map_err(|err| Error::Io { path: out.to_path_buf(), err })?;
     let arms = plan(exp, budget, data);
     let costs = cost(&arms);
@@ -140,8 +148,11 @@ pub fn run(exp: Experiment, budget: Budget, data: &str, out: &Path, device: &Dev
     for a in &arms {
         let dir = out.join(format!("{}_seed{}", a.name, a.seed));
         let t = std::time::Instant::now();
-        eprintln!("{exp:?}: training {} (seed {})", a.name, a.seed);
-        train(a.config.clone(), &dir, false, device, &mut |_, _, _| true)?;
+        let label = format!("{} seed {}", a.name, a.seed);
+        train(a.config.clone(), &dir, false, device, &mut |s, n, loss| {
+            progress(&label, s, n, loss);
+            true
+        })?;
         let history: Vec<EpochMetrics> = serde_json::from_slice(&crate::weights::read_file(&dir.join("metrics.json"))?)
             .map_err(|e| Error::Invalid(e.to_string()))?;
         results.push(RunResult { arm: a.name.clone(), seed: a.seed, history, seconds: t.elapsed().as_secs_f64() });
