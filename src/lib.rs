@@ -38,6 +38,7 @@ pub mod bench;
 pub mod bundle;
 pub mod commands;
 pub mod demo;
+pub mod devices;
 pub mod engine;
 pub mod hub;
 pub mod labels;

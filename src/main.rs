@@ -5,10 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Result, bail};
-use burn::tensor::Device;
 use clap::builder::RangedU64ValueParser;
 use clap::{Parser, Subcommand};
 use inception::bundle::{self, Bundle};
+use inception::devices::DeviceArg;
 use inception::models::{Model, ModelConfig, ModelKind};
 use inception::predict::{EngineKind, Predictor};
 use inception::train::reproduce::{Budget, Experiment};
@@ -25,7 +25,8 @@ use inception::{args, bench, commands, summary, train};
                   inception train --model inception_resnet_v1 --data fashion-mnist --out runs/a --epochs 4"
 )]
 struct Cli {
-    /// Compute device: cpu (burn flex), or vulkan / cuda when compiled in.
+    /// Compute device: cpu (burn flex), or vulkan[:N] / cuda[:N] when compiled in (see
+    /// `inception devices`).
     #[arg(long, global = true, default_value = "cpu")]
     device: String,
     /// Executor for classify / embed / check / eval / bench: `fast` (frozen CPU engine,
@@ -217,6 +218,8 @@ enum Cmd {
         /// A run folder (metrics.json) or an experiment folder (results.csv).
         dir: PathBuf,
     },
+    /// The compute devices of this machine and what each `--device` value selects.
+    Devices,
     /// Per stage output shape, parameters and MACs.
     Summary {
         #[arg(long, default_value = "inception_resnet_v2", value_parser = args::model())]
@@ -228,21 +231,6 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-}
-
-fn device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" | "flex" => Ok(Device::flex()),
-        #[cfg(feature = "vulkan")]
-        "vulkan" | "gpu" => Ok(Device::vulkan(burn::tensor::DeviceKind::DiscreteGpu(0))),
-        #[cfg(feature = "cuda")]
-        "cuda" => Ok(Device::cuda(0)),
-        other => bail!(
-            "device '{other}' is not available in this build (cpu{}{})",
-            if cfg!(feature = "vulkan") { ", vulkan" } else { "" },
-            if cfg!(feature = "cuda") { ", cuda" } else { "" }
-        ),
-    }
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
@@ -269,8 +257,13 @@ fn run(cli: Cli) -> Result<bool> {
         // SAFETY: no other thread exists yet; the thread pool reads this when it starts.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", t.to_string()) };
     }
-    let dev = device(&cli.device)?;
-    let on_cpu = cli.device == "cpu" || cli.device == "flex";
+    if let Cmd::Devices = cli.cmd {
+        print!("{}", inception::devices::report());
+        return Ok(true);
+    }
+    let device_arg: DeviceArg = cli.device.parse()?;
+    let dev = inception::devices::open(&device_arg)?;
+    let on_cpu = device_arg == DeviceArg::Cpu;
     let engine: EngineKind = match &cli.engine {
         Some(e) => e.parse()?,
         None if on_cpu => EngineKind::Fast,
@@ -451,6 +444,7 @@ fn run(cli: Cli) -> Result<bool> {
             println!("wrote {}", dir.join("curves.png").display());
             Ok(true)
         }
+        Cmd::Devices => Ok(true),
         Cmd::Summary { model, size, json } => {
             let size = size.unwrap_or(model.pretrained().pre.input_size);
             bench::check_memory(model, 1, size, false)?;
