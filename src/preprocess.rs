@@ -90,20 +90,19 @@ impl Preprocess {
         to_tensor(&view, self.mean, self.std)
     }
 
+    /// The image in the colours the network expects: as is, or luma repeated (`grayscale`).
+    pub fn colour<'a>(&self, img: &'a RgbImage) -> std::borrow::Cow<'a, RgbImage> {
+        if self.grayscale { std::borrow::Cow::Owned(to_gray_rgb(img)) } else { std::borrow::Cow::Borrowed(img) }
+    }
+
     /// The `size x size` center crop the network sees, before normalisation.
     pub fn view(&self, img: &RgbImage) -> RgbImage {
-        let gray;
-        let img = if self.grayscale {
-            gray = to_gray_rgb(img);
-            &gray
-        } else {
-            img
-        };
+        let img = self.colour(img);
         let (w, h) = img.dimensions();
         let (nw, nh) = resize_shorter(w, h, scale_size(self.input_size, self.crop_pct));
         let s = self.input_size as u32;
         let (left, top) = center_crop_origin(nw, nh, s, s);
-        resize_window(img, nw, nh, left, top, s, s, self.interpolation)
+        resize_window(&img, nw, nh, left, top, s, s, self.interpolation)
     }
 
     /// Decode and transform one file.

@@ -222,14 +222,7 @@ impl Transform {
         match self {
             Transform::Eval(pre) => pre.apply(img),
             Transform::Train { pre, min_area } => {
-                let gray;
-                let img = if pre.grayscale {
-                    gray = preprocess::to_gray_rgb(img);
-                    &gray
-                } else {
-                    img
-                };
-                let view = random_resized_crop(img, pre, *min_area, rng);
+                let view = random_resized_crop(&pre.colour(img), pre, *min_area, rng);
                 preprocess::to_tensor(&view, pre.mean, pre.std)
             }
         }
@@ -273,13 +266,7 @@ pub fn multi_crops(img: &RgbImage, pre: &Preprocess, crops: usize) -> Vec<Vec<f3
     if crops <= 1 {
         return vec![pre.apply(img)];
     }
-    let gray;
-    let img = if pre.grayscale {
-        gray = preprocess::to_gray_rgb(img);
-        &gray
-    } else {
-        img
-    };
+    let img = &*pre.colour(img);
     let size = pre.input_size;
     let s = size as u32;
     let f = pre.interpolation;
