@@ -207,6 +207,24 @@ def main():
          lambda c, o: c == 0 and same_model(t("ka", "model.safetensors"), t("kb", "model.safetensors"))
          and not [f for f in os.listdir(t("kb")) if f.endswith(".tmp") or f == ".lock"])
 
+    # a full disk (a small tmpfs, root only): the failed write leaves no partial file, and the
+    # run resumes once space is freed
+    disk = t("disk")
+    os.makedirs(disk)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", disk], capture_output=True).returncode == 0:
+        try:
+            filler = os.path.join(disk, "filler")
+            with open(filler, "wb") as f:
+                f.write(b"\0" * (3 << 20))
+            argv = ["train", "--out", os.path.join(disk, "run"), "--epochs", "1", "--max-steps", "2"] + tiny
+            case("train onto a full disk", "exit 2 naming the file; no temp file left behind", argv,
+                 lambda c, o: c == 2 and not [f for f in os.listdir(os.path.join(disk, "run")) if f.endswith(".tmp")])
+            os.remove(filler)
+            case("... then --resume after freeing space", "the run completes", argv + ["--resume"],
+                 lambda c, o: c == 0 and os.path.exists(os.path.join(disk, "run", "model.safetensors")))
+        finally:
+            subprocess.run(["umount", disk], capture_output=True)
+
     fuzz = ""
     if args.fuzz_log and os.path.exists(args.fuzz_log):
         fuzz = "".join(line for line in open(args.fuzz_log) if line.startswith("fuzz:")).strip()
