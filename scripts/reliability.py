@@ -211,11 +211,11 @@ def main():
     # run resumes once space is freed
     disk = t("disk")
     os.makedirs(disk)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", disk], capture_output=True).returncode == 0:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", disk], capture_output=True).returncode == 0:
         try:
             filler = os.path.join(disk, "filler")
             with open(filler, "wb") as f:
-                f.write(b"\0" * (3 << 20))
+                f.write(b"\0" * (10 << 20))
             argv = ["train", "--out", os.path.join(disk, "run"), "--epochs", "1", "--max-steps", "2"] + tiny
             case("train onto a full disk", "exit 2 naming the file; no temp file left behind", argv,
                  lambda c, o: c == 2 and not [f for f in os.listdir(os.path.join(disk, "run")) if f.endswith(".tmp")])
