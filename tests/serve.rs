@@ -226,3 +226,22 @@ fn the_page_shows_the_top5_in_a_real_browser() {
     assert!(dom.contains("class=\"prob\""), "{dom}");
     assert!(dom.contains("data:image/png;base64,"), "the crop is shown");
 }
+
+#[test]
+fn sigterm_stops_the_binary_cleanly() {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_inception"))
+        .args(["serve", "--addr", "127.0.0.1:0"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stderr.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.split("http://").nth(1).unwrap().split('/').next().unwrap().to_string();
+    let x = ureq::post(&format!("http://{addr}/v1/classify")).send_bytes(&sample()).unwrap();
+    assert_eq!(x.status(), 200);
+    let kill = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
