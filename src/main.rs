@@ -233,6 +233,27 @@ enum Cmd {
     },
 }
 
+/// GPU drivers can crash the process (Mesa's lavapipe segfaults on our shaders): open the
+/// device once in a child process first, so a crash is an error message here.
+fn probe_in_child(device: &str) -> Result<()> {
+    if std::env::var_os(PROBE).is_some() {
+        return Ok(());
+    }
+    let exe = std::env::current_exe()?;
+    let out = std::process::Command::new(exe).env(PROBE, "1").args(["--device", device, "devices"]).output()?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let said = String::from_utf8_lossy(&out.stderr);
+    match out.status.code() {
+        Some(_) => bail!("{}", said.trim().trim_start_matches("error: ")),
+        None => bail!("device '{device}' crashed in a test computation ({}): use --device cpu", out.status),
+    }
+}
+
+/// Set in the child of `probe_in_child`.
+const PROBE: &str = "INCEPTION_DEVICE_PROBE";
+
 fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -257,11 +278,19 @@ fn run(cli: Cli) -> Result<bool> {
         // SAFETY: no other thread exists yet; the thread pool reads this when it starts.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", t.to_string()) };
     }
+    if std::env::var_os(PROBE).is_some() {
+        // the child of `probe_in_child`: open the device (one tiny computation) and stop
+        inception::devices::open(&cli.device.parse()?)?;
+        return Ok(true);
+    }
     if let Cmd::Devices = cli.cmd {
         print!("{}", inception::devices::report());
         return Ok(true);
     }
     let device_arg: DeviceArg = cli.device.parse()?;
+    if device_arg != DeviceArg::Cpu {
+        probe_in_child(&cli.device)?;
+    }
     let dev = inception::devices::open(&device_arg)?;
     let on_cpu = device_arg == DeviceArg::Cpu;
     let engine: EngineKind = match &cli.engine {
