@@ -492,32 +492,20 @@ impl Dense {
     }
 }
 
-/// A whole network, frozen for inference.
+/// A whole network, frozen for inference (built by `crate::lower`).
 #[derive(Clone, Debug)]
 pub struct Engine {
-    kind: ModelKind,
-    width: f64,
-    blocks: Vec<Block>,
+    pub(crate) kind: ModelKind,
+    pub(crate) width: f64,
+    pub(crate) blocks: Vec<Block>,
     /// Index of the block after which each `feature_info` stage ends.
-    stage_ends: Vec<usize>,
+    pub(crate) stage_ends: Vec<usize>,
     /// facenet's `last_linear` + `last_bn`, folded.
-    bottleneck: Option<Dense>,
-    classifier: Option<Dense>,
+    pub(crate) bottleneck: Option<Dense>,
+    pub(crate) classifier: Option<Dense>,
 }
 
 impl Engine {
-    /// An engine from lowered blocks; `stage_ends[i]` is the block after which stage `i` ends.
-    pub fn new(
-        kind: ModelKind,
-        width: f64,
-        blocks: Vec<Block>,
-        stage_ends: Vec<usize>,
-        bottleneck: Option<Dense>,
-        classifier: Option<Dense>,
-    ) -> Self {
-        Self { kind, width, blocks, stage_ends, bottleneck, classifier }
-    }
-
     /// Per stage, the output shape `[1, C, H, W]` and multiply-accumulates on an `s x s` input
     /// (batch 1); last, the head's `[1, classes]` and MACs.
     pub fn shapes_and_macs(&self, s: usize) -> Vec<(Vec<usize>, u64)> {

@@ -140,12 +140,12 @@ pub fn lower(model: Model) -> Engine {
             None => stage_ends.push(blocks.len() - 1),
         }
     }
-    Engine::new(
+    Engine {
         kind,
         width,
         blocks,
         stage_ends,
-        bottleneck.map(|(l, bn)| dense(l, bn)),
-        classifier.map(|l| dense(l, None)),
-    )
+        bottleneck: bottleneck.map(|(l, bn)| dense(l, bn)),
+        classifier: classifier.map(|l| dense(l, None)),
+    }
 }
