@@ -64,10 +64,10 @@ pub fn describe_header(path: &Path, header: &serde_json::Map<String, serde_json:
     })
 }
 
-/// The description of a file; for a run's `model.safetensors` written before files carried
-/// it, the run's `config.json` and `labels.json` beside it fill the gaps.
-pub fn describe(path: &Path) -> Result<Description> {
-    let mut d = describe_header(path, &weights::read_header(path)?)?;
+/// The description of a file from its header; for a run's `model.safetensors` written before
+/// files carried it, the run's `config.json` and `labels.json` beside it fill the gaps.
+pub fn describe(path: &Path, header: &serde_json::Map<String, serde_json::Value>) -> Result<Description> {
+    let mut d = describe_header(path, header)?;
     let dir = path.parent().unwrap_or(Path::new("."));
     if d.preprocess.is_none()
         && let Ok(bytes) = std::fs::read(dir.join("config.json"))
@@ -96,27 +96,45 @@ pub fn guess_kind(header: &serde_json::Map<String, serde_json::Value>) -> Option
     }
 }
 
+fn undescribed(path: &Path) -> Error {
+    Error::Invalid(format!(
+        "{}: no model description and not a recognised reference checkpoint: give --model",
+        path.display()
+    ))
+}
+
+/// The embedded demo's description (its metadata only, no weights read).
+fn demo_description() -> Result<Description> {
+    let path = Path::new(crate::demo::NAME);
+    let (_, header) = safetensors::SafeTensors::read_metadata(crate::demo::MODEL)
+        .map_err(|e| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() })?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    let mut header = serde_json::Map::new();
+    header.insert(
+        "__metadata__".into(),
+        serde_json::Value::Object(meta.into_iter().map(|(k, v)| (k, serde_json::Value::String(v))).collect()),
+    );
+    describe_header(path, &header)
+}
+
 /// The preprocessing of a model source without loading its weights: the file's description,
 /// else the registry's config of `model` (or of the model the file holds), else the demo's.
 pub fn preprocess_of(model: Option<ModelKind>, weights_path: Option<&Path>) -> Result<Preprocess> {
     let pre = match (model, weights_path) {
         (_, Some(path)) => {
             let header = weights::read_header(path)?;
-            let d = describe(path)?;
+            let d = describe(path, &header)?;
             let kind = d.config.as_ref().map(|c| c.model).or(model).or_else(|| guess_kind(&header));
             match (d.preprocess, kind) {
                 (Some(p), _) => p,
                 (None, Some(k)) => k.pretrained().pre,
-                (None, None) => {
-                    return Err(Error::Invalid(format!(
-                        "{}: no model description and not a recognised reference checkpoint: give --model",
-                        path.display()
-                    )));
-                }
+                (None, None) => return Err(undescribed(path)),
             }
         }
         (Some(k), None) => k.pretrained().pre,
-        (None, None) => Bundle::demo(&Device::flex())?.pre,
+        (None, None) => demo_description()?
+            .preprocess
+            .ok_or_else(|| Error::Invalid("the embedded demo model does not describe itself".into()))?,
     };
     pre.validate()?;
     Ok(pre)
@@ -126,7 +144,7 @@ pub fn preprocess_of(model: Option<ModelKind>, weights_path: Option<&Path>) -> R
 pub struct Bundle {
     pub model: Model,
     pub pre: Preprocess,
-    /// One name per class (empty: none known; `class_name` then says `class i`).
+    /// One name per class (empty: none known; results then say `class i`).
     pub classes: Vec<String>,
     /// Where the weights came from (a path, or the embedded demo).
     pub source: String,
@@ -151,15 +169,7 @@ impl Bundle {
     /// The shipped Fashion-MNIST demo (`assets/demo`), embedded in the binary.
     pub fn demo(device: &Device) -> Result<Self> {
         let path = Path::new(crate::demo::NAME);
-        let (_, header) = safetensors::SafeTensors::read_metadata(crate::demo::MODEL)
-            .map_err(|e| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() })?;
-        let meta = header.metadata().clone().unwrap_or_default();
-        let mut header = serde_json::Map::new();
-        header.insert(
-            "__metadata__".into(),
-            serde_json::Value::Object(meta.into_iter().map(|(k, v)| (k, serde_json::Value::String(v))).collect()),
-        );
-        let d = describe_header(path, &header)?;
+        let d = demo_description()?;
         let (Some(cfg), Some(pre), Some(classes)) = (d.config, d.preprocess, d.classes) else {
             return Err(Error::Invalid("the embedded demo model does not describe itself".into()));
         };
@@ -169,7 +179,7 @@ impl Bundle {
 
     fn from_file(asked: Option<ModelKind>, path: &Path, device: &Device) -> Result<Self> {
         let header = weights::read_header(path)?;
-        let d = describe(path)?;
+        let d = describe(path, &header)?;
         let file_kind = d.config.as_ref().map(|c| c.model).or_else(|| guess_kind(&header));
         let kind = match (asked, file_kind) {
             (Some(a), Some(f)) if a != f => {
@@ -179,18 +189,13 @@ impl Bundle {
                 )));
             }
             (Some(k), _) | (None, Some(k)) => k,
-            (None, None) => {
-                return Err(Error::Invalid(format!(
-                    "{}: no model description and not a recognised reference checkpoint: give --model",
-                    path.display()
-                )));
-            }
+            (None, None) => return Err(undescribed(path)),
         };
         let cfg = match d.config {
             Some(c) => c,
             None => {
                 let key = format!("{}bias", weights::classifier_prefix(kind));
-                let classes = weights::header_shape(path, &key)?.and_then(|s| s.first().copied()).unwrap_or(0);
+                let classes = weights::header_shape(&header, &key).and_then(|s| s.first().copied()).unwrap_or(0);
                 ModelConfig::new(kind, classes)
             }
         };
@@ -211,16 +216,6 @@ impl Bundle {
         }
         let model = weights::load(Model::new(&cfg, device), path, &LoadOptions::default())?;
         Ok(Self { model, pre, classes, source: path.display().to_string() })
-    }
-
-    /// The name of class `i` (`class i` when the file names none).
-    pub fn class_name(&self, i: usize) -> String {
-        self.classes.get(i).cloned().unwrap_or_else(|| format!("class {i}"))
-    }
-
-    /// Save this model with its description.
-    pub fn save(&self, path: &Path) -> Result<()> {
-        weights::save_model(&self.model, path, &self.pre, &self.classes)
     }
 }
 

@@ -488,19 +488,13 @@ pub fn read_metadata_entry(path: &Path, key: &str) -> Result<Option<String>> {
     Ok(header.get("__metadata__").and_then(|m| m.get(key)).and_then(|v| v.as_str()).map(str::to_string))
 }
 
-/// The shape of tensor `key` from the header alone (`None` when the file has no such tensor).
-pub fn header_shape(path: &Path, key: &str) -> Result<Option<Vec<usize>>> {
-    let header = read_header(path)?;
-    Ok(header
+/// The shape of tensor `key` in a header read by `read_header` (`None`: no such tensor).
+pub fn header_shape(header: &serde_json::Map<String, serde_json::Value>, key: &str) -> Option<Vec<usize>> {
+    header
         .get(key)
         .and_then(|t| t.get("shape"))
         .and_then(|s| s.as_array())
-        .map(|dims| dims.iter().filter_map(|d| d.as_u64()).map(|d| d as usize).collect()))
-}
-
-/// The `ModelConfig` a file was saved with by `save_model` (`None` for foreign files).
-pub fn read_config(path: &Path) -> Result<Option<crate::models::ModelConfig>> {
-    Ok(crate::bundle::describe_header(path, &read_header(path)?)?.config)
+        .map(|dims| dims.iter().filter_map(|d| d.as_u64()).map(|d| d as usize).collect())
 }
 
 /// Save the model's weights with the reference key names (loadable by timm / facenet-pytorch
