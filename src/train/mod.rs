@@ -124,7 +124,7 @@ impl TrainConfig {
     /// Every value in range, or an error naming the first that is not.
     pub fn validate(&self) -> Result<()> {
         let bad = |what: &str, v: String, range: &str| Err(Error::Invalid(format!("{what} = {v} is outside {range}")));
-        crate::preprocess::check_size(self.size)?;
+        self.preprocess().validate()?;
         if self.batch == 0 {
             return bad("batch", self.batch.to_string(), "[1, inf)");
         }
@@ -136,9 +136,6 @@ impl TrainConfig {
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return bad("lr", self.lr.to_string(), "(0, inf)");
-        }
-        if !(self.crop_pct.is_finite() && self.crop_pct > 0.0 && self.crop_pct <= 1.0) {
-            return bad("crop_pct", self.crop_pct.to_string(), "(0, 1]");
         }
         if !(self.min_area.is_finite() && self.min_area > 0.0 && self.min_area <= 1.0) {
             return bad("min_area", self.min_area.to_string(), "(0, 1]");
@@ -542,6 +539,11 @@ fn write_metrics(dir: &Path, cfg: &TrainConfig, history: &[EpochMetrics]) -> Res
     weights::write_atomic(&dir.join("metrics.csv"), csv.as_bytes())?;
     let js = serde_json::to_vec_pretty(history).map_err(|e| Error::Invalid(e.to_string()))?;
     weights::write_atomic(&dir.join("metrics.json"), &js)?;
+    plot_curves(dir, cfg, history)
+}
+
+/// `curves.png` (+ `.svg`) of a run, titled with its model, width and data.
+fn plot_curves(dir: &Path, cfg: &TrainConfig, history: &[EpochMetrics]) -> Result<()> {
     let title = format!("{} (width {}) on {}", cfg.model.model, cfg.model.width, cfg.data);
     plot::curves(&dir.join("curves.png"), &title, history)
 }
@@ -553,8 +555,7 @@ pub fn replot(dir: &Path) -> Result<()> {
         .map_err(|e| Error::Invalid(format!("{}: {e}", dir.display())))?;
     let cfg: TrainConfig =
         serde_json::from_slice(&read("config.json")?).map_err(|e| Error::Invalid(format!("{}: {e}", dir.display())))?;
-    let title = format!("{} (width {}) on {}", cfg.model.model, cfg.model.width, cfg.data);
-    plot::curves(&dir.join("curves.png"), &title, &history)
+    plot_curves(dir, &cfg, &history)
 }
 
 /// What `train` returns.
@@ -577,8 +578,8 @@ pub fn train(
 ) -> Result<TrainSummary> {
     cfg.validate()?;
     std::fs::create_dir_all(dir).map_err(|err| Error::Io { path: dir.to_path_buf(), err })?;
+    // temp files of killed writers are swept by `write_atomic` before each write
     let _lock = weights::DirLock::acquire(dir)?;
-    weights::sweep_stale_temps(dir);
     let ad = device.clone().autodiff();
     let train_ds = Dataset::open(&cfg.data, true)?;
     let eval_ds = Dataset::open(&cfg.data, false)?;
