@@ -273,6 +273,16 @@ fn bar(len: usize, what: &str) -> indicatif::ProgressBar {
     b
 }
 
+/// Training step `s` of `n` on a progress bar that restarts with each epoch or run.
+fn step(pb: &indicatif::ProgressBar, s: usize, n: usize, msg: String) {
+    if s == 1 || pb.length() != Some(n as u64) {
+        pb.reset();
+        pb.set_length(n as u64);
+    }
+    pb.set_position(s as u64);
+    pb.set_message(msg);
+}
+
 fn run(cli: Cli) -> Result<bool> {
     if let Cmd::Bench { threads: Some(t), .. } = &cli.cmd {
         // SAFETY: no other thread exists yet; the thread pool reads this when it starts.
@@ -387,12 +397,7 @@ fn run(cli: Cli) -> Result<bool> {
             let cfg = flags.resolve(&out)?;
             let pb = bar(0, "loss");
             let summary = train::train(cfg, &out, flags.resume, &dev, &mut |s, n, loss| {
-                if s == 1 || pb.length() != Some(n as u64) {
-                    pb.reset();
-                    pb.set_length(n as u64);
-                }
-                pb.set_position(s as u64);
-                pb.set_message(format!("loss {loss:.4}"));
+                step(&pb, s, n, format!("loss {loss:.4}"));
                 true
             })?;
             pb.finish_and_clear();
@@ -440,12 +445,7 @@ fn run(cli: Cli) -> Result<bool> {
             let budget: Budget = serde_json::from_value(serde_json::Value::String(budget))?;
             let pb = bar(0, "");
             let report = train::reproduce::run(exp, budget, &data, &out, &dev, &mut |label, s, n, loss| {
-                if pb.length() != Some(n as u64) || s == 1 {
-                    pb.reset();
-                    pb.set_length(n as u64);
-                }
-                pb.set_position(s as u64);
-                pb.set_message(format!("{label}: loss {loss:.4}"));
+                step(&pb, s, n, format!("{label}: loss {loss:.4}"))
             })?;
             pb.finish_and_clear();
             println!("{}", std::fs::read_to_string(&report)?);
