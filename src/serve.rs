@@ -137,9 +137,12 @@ impl Metrics {
 /// What the handlers share.
 struct AppState {
     jobs: SyncSender<Job>,
+    model: &'static str,
+    config: crate::models::ModelConfig,
+    source: String,
     pre: Preprocess,
     classes: Vec<String>,
-    info: serde_json::Value,
+    max_body: usize,
     metrics: Arc<Metrics>,
 }
 
@@ -197,10 +200,11 @@ async fn image_bytes(state: &Arc<AppState>, req: Request) -> std::result::Result
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("multipart/form-data"));
+    let too_large = || error(StatusCode::PAYLOAD_TOO_LARGE, format!("body over {} bytes", state.max_body));
     let too_big = |e: &dyn std::fmt::Display| {
         let m = e.to_string();
         if m.contains("length limit") || m.contains("too large") {
-            error(StatusCode::PAYLOAD_TOO_LARGE, format!("body over {} bytes", state.max_body()))
+            too_large()
         } else {
             error(StatusCode::BAD_REQUEST, m)
         }
@@ -216,17 +220,11 @@ async fn image_bytes(state: &Arc<AppState>, req: Request) -> std::result::Result
     }
     Bytes::from_request(req, &()).await.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            error(StatusCode::PAYLOAD_TOO_LARGE, format!("body over {} bytes", state.max_body()))
+            too_large()
         } else {
             error(StatusCode::BAD_REQUEST, e.to_string())
         }
     })
-}
-
-impl AppState {
-    fn max_body(&self) -> u64 {
-        self.info["max_body"].as_u64().unwrap_or(0)
-    }
 }
 
 /// Decode + preprocess off the async threads; the normalised input and the crop it came from.
@@ -302,7 +300,7 @@ async fn classify(State(state): State<Arc<AppState>>, Query(q): Query<ClassifyQu
         let top =
             top_k(&state.classes, &logits, k).map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         let crop = if q.crop == Some(1) { png_data_url(&view) } else { None };
-        let model = state.info["model"].as_str().unwrap_or("").to_string();
+        let model = state.model.to_string();
         Ok((StatusCode::OK, axum::Json(ClassifyReply { model, top, crop }).into_response()))
     }
     .await;
@@ -320,7 +318,7 @@ async fn embed(State(state): State<Arc<AppState>>, req: Request) -> Response {
         if e.iter().any(|v| !v.is_finite()) {
             return Err(error(StatusCode::INTERNAL_SERVER_ERROR, "non-finite embedding"));
         }
-        let body = serde_json::json!({ "model": state.info["model"], "dim": e.len(), "embedding": e });
+        let body = serde_json::json!({ "model": state.model, "dim": e.len(), "embedding": e });
         Ok((StatusCode::OK, axum::Json(body).into_response()))
     }
     .await;
@@ -331,11 +329,11 @@ async fn embed(State(state): State<Arc<AppState>>, req: Request) -> Response {
 
 async fn models(State(state): State<Arc<AppState>>) -> Response {
     let body = serde_json::json!({ "models": [{
-        "name": state.info["model"],
-        "config": state.info["config"],
+        "name": state.model,
+        "config": state.config,
         "preprocess": state.pre,
         "classes": state.classes,
-        "source": state.info["source"],
+        "source": state.source,
     }]});
     state.metrics.observe("/v1/models", StatusCode::OK, 0.0);
     axum::Json(body).into_response()
@@ -396,14 +394,16 @@ pub fn start(bundle: Bundle, predictor: Predictor, cfg: ServeConfig) -> Result<R
             .spawn(move || engine_loop(predictor, rx, pre, cfg, metrics))
             .map_err(|e| Error::Invalid(format!("cannot start the engine thread: {e}")))?;
     }
-    let info = serde_json::json!({
-        "model": bundle.model.kind().name(),
-        "config": bundle.model.config(),
-        "source": bundle.source,
-        "max_body": cfg.max_body,
+    let state = Arc::new(AppState {
+        jobs: tx,
+        model: bundle.model.kind().name(),
+        config: bundle.model.config(),
+        source: bundle.source,
+        pre,
+        classes: bundle.classes,
+        max_body: cfg.max_body,
+        metrics,
     });
-    let classes = bundle.classes;
-    let state = Arc::new(AppState { jobs: tx, pre, classes, info, metrics });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
