@@ -66,3 +66,40 @@ pub fn tolerance(s: &str) -> Result<f32, String> {
     let v = float(s)?;
     if v >= 0.0 { Ok(v as f32) } else { Err(format!("{v} must be >= 0")) }
 }
+
+/// A number in [lo, hi].
+fn in_range(s: &str, lo: f64, hi: f64) -> Result<f64, String> {
+    let v = float(s)?;
+    if (lo..=hi).contains(&v) { Ok(v) } else { Err(format!("{v} is outside [{lo}, {hi}]")) }
+}
+
+/// A probability in [0, 1].
+pub fn unit(s: &str) -> Result<f32, String> {
+    in_range(s, 0.0, 1.0).map(|v| v as f32)
+}
+
+/// MTCNN's three stage thresholds, `P,R,O`, each in [0, 1].
+pub fn thresholds(s: &str) -> Result<[f32; 3], String> {
+    let v: Vec<f32> = s.split(',').map(unit).collect::<Result<_, _>>()?;
+    v.try_into().map_err(|_| format!("'{s}': give three thresholds, e.g. 0.6,0.7,0.7"))
+}
+
+/// The image pyramid's scale factor, in [0.1, 0.95].
+pub fn pyramid_factor(s: &str) -> Result<f32, String> {
+    in_range(s, 0.1, 0.95).map(|v| v as f32)
+}
+
+/// Smallest face searched for, 12 to 10000 px.
+pub fn min_face(s: &str) -> Result<f32, String> {
+    in_range(s, 12.0, 10_000.0).map(|v| v as f32)
+}
+
+/// A face margin in output pixels, 0 to 100.
+pub fn margin(s: &str) -> Result<f32, String> {
+    in_range(s, 0.0, 100.0).map(|v| v as f32)
+}
+
+/// A distance threshold between unit embeddings, in [0, 2].
+pub fn distance(s: &str) -> Result<f32, String> {
+    in_range(s, 0.0, 2.0).map(|v| v as f32)
+}

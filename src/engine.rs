@@ -156,7 +156,7 @@ impl Conv {
         sgemm::gemm(x.n * oh * ow, rows, &self.w, dst, ld, off, epi);
     }
 
-    fn run(&self, x: &Act) -> Act {
+    pub(crate) fn run(&self, x: &Act) -> Act {
         let (oh, ow) = self.out_hw(x.h, x.w);
         let mut y = Act::zeros(x.n, oh, ow, self.cout);
         self.run_into(x, &mut y.data, self.cout, 0, StoreMode::Store { relu: self.relu });
@@ -476,7 +476,7 @@ impl Dense {
         Self { w: PackedB::new(w, din, dout), b }
     }
 
-    fn dout(&self) -> usize {
+    pub(crate) fn dout(&self) -> usize {
         self.w.n()
     }
 
@@ -484,7 +484,7 @@ impl Dense {
         (self.w.k() * self.w.n()) as u64
     }
 
-    fn run(&self, x: &[f32], n: usize) -> Vec<f32> {
+    pub(crate) fn run(&self, x: &[f32], n: usize) -> Vec<f32> {
         let mut y = vec![0.0f32; n * self.dout()];
         let epi = sgemm::Epilogue { bias: Some(&self.b), alpha: 1.0, load: false, relu: false };
         sgemm::gemm(n, Rows::Dense { data: x, ld: self.w.k() }, &self.w, &mut y, self.dout(), 0, epi);

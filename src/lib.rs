@@ -40,6 +40,7 @@ pub mod commands;
 pub mod demo;
 pub mod devices;
 pub mod engine;
+pub mod faces;
 pub mod hub;
 pub mod labels;
 pub mod lower;

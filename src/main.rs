@@ -213,6 +213,11 @@ enum Cmd {
         #[arg(long, default_value_t = 20, value_parser = usize_range(1, 1024))]
         max_body_mb: usize,
     },
+    /// Faces: detect (MTCNN), embed (Inception-ResNet-v1), verify, and the LFW pairs protocol.
+    Faces {
+        #[command(subcommand)]
+        cmd: FacesCmd,
+    },
     /// Redraw the plots of a training run folder or a `reproduce` folder from its results.
     Plot {
         /// A run folder (metrics.json) or an experiment folder (results.csv).
@@ -231,6 +236,135 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum FacesCmd {
+    /// Faces of each image: box [x1, y1, x2, y2], probability, 5 landmarks (eyes, nose, mouth).
+    Detect {
+        #[command(flatten)]
+        detect: DetectFlags,
+        /// Keep one face per image, chosen by this rule (default: all faces, largest first).
+        #[arg(long, value_parser = ["largest", "probability", "largest_over_threshold", "center_weighted_size"])]
+        select: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Write each image with its boxes and landmarks drawn into this folder.
+        #[arg(long)]
+        draw: Option<PathBuf>,
+        /// Repeat the detection N times and report its median time per image.
+        #[arg(long, default_value_t = 1, value_parser = usize_range(1, 10_000))]
+        runs: usize,
+        /// Image files or folders (searched recursively).
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+    },
+    /// Detect, align and embed every face into a safetensors file (`embeddings` [faces, d];
+    /// image, face index and box per row in the metadata).
+    Embed {
+        #[command(flatten)]
+        face: FaceFlags,
+        /// Output safetensors file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Image files or folders (searched recursively).
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+    },
+    /// Distance between the faces of two photos (the selected face of each) and the decision.
+    Verify {
+        #[command(flatten)]
+        face: FaceFlags,
+        /// Same person when the Euclidean distance of the unit embeddings is below this.
+        #[arg(long, default_value_t = 1.1, value_parser = args::distance)]
+        threshold: f32,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        a: PathBuf,
+        b: PathBuf,
+    },
+    /// The LFW protocol on a pairs file: 10-fold accuracy, validation rate at FAR 1e-3, ROC.
+    EvalPairs {
+        #[command(flatten)]
+        face: FaceFlags,
+        /// LFW's pairs.txt, or lines `PATH_A PATH_B 1|0`.
+        #[arg(long)]
+        pairs: PathBuf,
+        /// Folder the pairs' images are under.
+        #[arg(long)]
+        root: PathBuf,
+        /// Folder for roc.csv, roc.png and report.json.
+        #[arg(long, default_value = "eval-pairs")]
+        out: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// MTCNN settings (facenet-pytorch's defaults).
+#[derive(clap::Args)]
+struct DetectFlags {
+    /// Smallest face searched for, in pixels.
+    #[arg(long, default_value_t = 20.0, value_parser = args::min_face)]
+    min_face_size: f32,
+    /// P-, R- and O-Net probability thresholds.
+    #[arg(long, default_value = "0.6,0.7,0.7", value_parser = args::thresholds)]
+    thresholds: [f32; 3],
+    /// Scale step of the image pyramid.
+    #[arg(long, default_value_t = 0.709, value_parser = args::pyramid_factor)]
+    factor: f32,
+    /// MTCNN weights (default: the shipped facenet-pytorch ones).
+    #[arg(long)]
+    mtcnn: Option<PathBuf>,
+}
+
+impl DetectFlags {
+    fn mtcnn(&self) -> Result<inception::faces::Mtcnn> {
+        let cfg = inception::faces::DetectConfig {
+            min_face_size: self.min_face_size,
+            thresholds: self.thresholds,
+            factor: self.factor,
+        };
+        Ok(match &self.mtcnn {
+            Some(p) => inception::faces::Mtcnn::from_file(p, cfg)?,
+            None => inception::faces::Mtcnn::new(cfg)?,
+        })
+    }
+}
+
+/// Detection, crop and embedding network.
+#[derive(clap::Args)]
+struct FaceFlags {
+    #[command(flatten)]
+    detect: DetectFlags,
+    /// Inception-ResNet-v1 face weights (facenet-pytorch converted with
+    /// scripts/convert_facenet.py, or a file we wrote).
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// `box` (facenet-pytorch's crop) or `landmarks` (5-point similarity alignment).
+    #[arg(long, default_value = "box", value_parser = ["box", "landmarks"])]
+    align: String,
+    /// Margin around the box, in pixels of the crop.
+    #[arg(long, default_value_t = 0.0, value_parser = args::margin)]
+    margin: f32,
+    /// Which face of a photo verify and eval-pairs use.
+    #[arg(long, default_value = "largest", value_parser = ["largest", "probability", "largest_over_threshold", "center_weighted_size"])]
+    select: String,
+}
+
+impl FaceFlags {
+    fn pipeline(&self) -> Result<inception::faces::Pipeline> {
+        let config = inception::faces::PipelineConfig {
+            align: self.align.parse()?,
+            margin: self.margin,
+            selection: self.select.parse()?,
+        };
+        let embedder = inception::faces::FaceEmbedder::load(None, self.weights.as_deref())?;
+        Ok(inception::faces::Pipeline { mtcnn: self.detect.mtcnn()?, embedder, config })
+    }
 }
 
 /// GPU drivers can crash the process (Mesa's lavapipe segfaults on our shaders): open the
@@ -474,6 +608,7 @@ fn run(cli: Cli) -> Result<bool> {
             Ok(true)
         }
         Cmd::Devices => Ok(true),
+        Cmd::Faces { cmd } => faces(cmd),
         Cmd::Summary { model, size, json } => {
             let size = size.unwrap_or(model.pretrained().pre.input_size);
             bench::check_memory(model, 1, size, false)?;
@@ -483,6 +618,88 @@ fn run(cli: Cli) -> Result<bool> {
                 print_json(&s)?
             } else {
                 println!("{s}")
+            }
+            Ok(true)
+        }
+    }
+}
+
+fn faces(cmd: FacesCmd) -> Result<bool> {
+    use inception::faces;
+    match cmd {
+        FacesCmd::Detect { detect, select, json, draw, runs, images } => {
+            let m = detect.mtcnn()?;
+            let paths = inception::preprocess::collect_images(&images)?;
+            let mut found = faces::detect_files(&m, &paths, runs, draw.as_deref())?;
+            if let Some(method) = select {
+                let method: faces::Selection = method.parse()?;
+                for d in &mut found {
+                    let dims = image::image_dimensions(&d.image).unwrap_or((0, 0));
+                    d.faces = faces::select(&d.faces, method, dims).map(|i| d.faces[i].clone()).into_iter().collect();
+                }
+            }
+            let ok = found.iter().all(|d| d.error.is_none());
+            if json {
+                print_json(&found)?;
+            }
+            for d in &found {
+                if let Some(e) = &d.error {
+                    eprintln!("error: {e}");
+                } else if !json {
+                    let ms = d.ms.map(|t| format!(" ({t:.1} ms)")).unwrap_or_default();
+                    println!("{}: {} face(s){ms}", d.image, d.faces.len());
+                    for f in &d.faces {
+                        let [x1, y1, x2, y2] = f.bbox;
+                        println!("  prob {:.4}  box [{x1:.1}, {y1:.1}, {x2:.1}, {y2:.1}]", f.prob);
+                    }
+                }
+            }
+            Ok(ok)
+        }
+        FacesCmd::Embed { face, out, inputs } => {
+            let p = face.pipeline()?;
+            let n = inception::preprocess::collect_images(&inputs)?.len();
+            let pb = bar(n, "embedding faces");
+            let r = p.embed_files(&inputs, &out, &mut || pb.inc(1))?;
+            pb.finish_and_clear();
+            for (path, e) in &r.skipped {
+                eprintln!("skipped {path}: {e}");
+            }
+            for path in &r.no_face {
+                eprintln!("no face: {path}");
+            }
+            println!("wrote {} ({} faces x {}) to {}", r.shape[0], r.shape[0], r.shape[1], r.out.display());
+            Ok(r.skipped.is_empty())
+        }
+        FacesCmd::Verify { face, threshold, json, a, b } => {
+            let p = face.pipeline()?;
+            let v = faces::verify(&p, &a, &b, threshold)?;
+            if json {
+                print_json(&v)?;
+            } else {
+                let word = if v.same { "same person" } else { "different people" };
+                println!("distance {:.4} (threshold {:.3}): {word}", v.distance, v.threshold);
+            }
+            Ok(true)
+        }
+        FacesCmd::EvalPairs { face, pairs, root, out, json } => {
+            let p = face.pipeline()?;
+            let list = faces::pairs::read_pairs(&pairs, &root)?;
+            let pb = bar(list.len() * 2, "embedding pair images");
+            let r = faces::pairs::eval_pairs(&p, &list, &out, &mut || pb.inc(1))?;
+            pb.finish_and_clear();
+            inception::weights::write_atomic(&out.join("report.json"), serde_json::to_string_pretty(&r)?.as_bytes())?;
+            if json {
+                print_json(&r)?;
+            } else {
+                println!(
+                    "{} pairs ({} same), {} folds: accuracy {:.4} +- {:.4}, VAL {:.4} +- {:.4} @ FAR {:.5}, AUC {:.4}",
+                    r.pairs, r.same, r.folds, r.accuracy_mean, r.accuracy_std, r.val_mean, r.val_std, r.far_mean, r.auc
+                );
+                if !r.no_face.is_empty() {
+                    println!("no face found in {} image(s): their central square was used", r.no_face.len());
+                }
+                println!("wrote {}, {}", r.roc_csv.display(), r.roc_png.display());
             }
             Ok(true)
         }

@@ -420,6 +420,11 @@ pub fn decode_rgb(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
             "{w} x {h} pixels is larger than we decode (at most {MAX_PIXELS} pixels, sides up to {MAX_SIDE})"
         ));
     }
+    if image::guess_format(bytes).ok() == Some(image::ImageFormat::Jpeg)
+        && let Some(r) = decode_jpeg_libjpeg(bytes)
+    {
+        return r;
+    }
     let mut r = reader()?;
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_SIDE);
@@ -440,4 +445,51 @@ pub fn decode_rgb(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
         }
         other => other.to_rgb8(),
     })
+}
+
+/// Decode a JPEG with libjpeg-turbo's decoder (mozjpeg), exactly as Pillow does (ISLOW IDCT,
+/// fancy upsampling; grayscale repeated to RGB). A file that ends early is an error, as in
+/// Pillow. `None` for colour spaces Pillow converts itself (CMYK, YCCK): the `image` crate
+/// decodes those.
+fn decode_jpeg_libjpeg(bytes: &[u8]) -> Option<std::result::Result<RgbImage, String>> {
+    use mozjpeg_sys as ffi;
+    use std::os::raw::c_int;
+
+    extern "C-unwind" fn fail(cinfo: &mut ffi::jpeg_common_struct) {
+        // SAFETY: libjpeg calls this with its error manager set.
+        let code = unsafe { cinfo.err.as_ref().map_or(0, |e| e.msg_code) };
+        std::panic::resume_unwind(Box::new(format!("corrupt JPEG data (libjpeg error {code})")));
+    }
+    extern "C-unwind" fn message(cinfo: &mut ffi::jpeg_common_struct, level: c_int) {
+        // SAFETY: as above.
+        let code = unsafe { cinfo.err.as_ref().map_or(0, |e| e.msg_code) };
+        if level < 0 && code == ffi::JWRN_JPEG_EOF as c_int {
+            std::panic::resume_unwind(Box::new("image file is truncated".to_string()));
+        }
+    }
+    let run = || -> std::result::Result<Option<RgbImage>, String> {
+        // SAFETY: a zeroed error manager filled in by libjpeg's own initialiser.
+        let mut err: ffi::jpeg_error_mgr = unsafe { std::mem::zeroed() };
+        unsafe { ffi::jpeg_std_error(&mut err) };
+        err.error_exit = Some(fail);
+        err.emit_message = Some(message);
+        let d = mozjpeg::Decompress::with_err(err).from_mem(bytes).map_err(|e| e.to_string())?;
+        use mozjpeg::ColorSpace as Cs;
+        if !matches!(d.color_space(), Cs::JCS_YCbCr | Cs::JCS_GRAYSCALE | Cs::JCS_RGB) {
+            return Ok(None);
+        }
+        let mut started = d.rgb().map_err(|e| e.to_string())?;
+        let (w, h) = (started.width() as u32, started.height() as u32);
+        let px: Vec<[u8; 3]> = started.read_scanlines().map_err(|e| e.to_string())?;
+        started.finish().map_err(|e| e.to_string())?;
+        Ok(RgbImage::from_raw(w, h, px.into_iter().flatten().collect()))
+    };
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or_else(|payload| {
+        Err(payload.downcast_ref::<String>().cloned().unwrap_or_else(|| "corrupt JPEG data".into()))
+    });
+    match r {
+        Ok(Some(img)) => Some(Ok(img)),
+        Ok(None) => None,
+        Err(e) => Some(Err(e)),
+    }
 }

@@ -1,6 +1,7 @@
 //! Preprocessing against timm's eval transform on real photos (fixtures from
-//! scripts/reference/make_preprocess.py): exact on lossless files, and the JPEG decoder's
-//! difference bounded; eval and classify share the one function.
+//! scripts/reference/make_preprocess.py): exact on lossless files and on JPEGs (decoded by
+//! libjpeg-turbo's decoder, as Pillow does); CMYK JPEGs (colour-converted by the `image`
+//! crate) within a bounded difference; eval and classify share the one function.
 
 use std::path::{Path, PathBuf};
 
@@ -51,8 +52,11 @@ fn matches_timm_on_real_photos() {
             let (max, mean) = diff(&ours, &reference);
             report.push(format!("{photo} {}: max {max} mean {mean:.4} LSB", kind.name()));
             match how.as_str() {
+                _ if photo.starts_with("cmyk") => {
+                    assert!(mean <= 0.05 && max <= 3, "{photo} {}: max {max} mean {mean} LSB", kind.name())
+                }
                 Some("lossless") => assert!(max <= 1, "{photo} {}: max {max} LSB", kind.name()),
-                _ => assert!(mean <= 0.25, "{photo} {}: mean {mean} LSB (JPEG decoder)", kind.name()),
+                _ => assert_eq!(max, 0, "{photo} {}: JPEG differs from Pillow's decode by {max} LSB", kind.name()),
             }
             // the tensor is the crop, normalised
             assert_eq!(pre.apply(&img), preprocess::to_tensor(&ours, pre.mean, pre.std));
