@@ -203,6 +203,35 @@ impl<'a> Rows<'a> {
 
     /// Rows `[r0, r1)`, columns `[k0, k0 + kc)` copied row-major into `out` (row stride `kc`).
     fn gather(&self, r0: usize, r1: usize, k0: usize, kc: usize, out: &mut [f32]) {
+        if let Rows::Conv { data, ld, c0: 0, cin, hw: [h, w], k: [_, kw], .. } = *self
+            && ld == cin
+        {
+            // the input's channels are dense, so the taps `kx..kw` of one kernel row are one
+            // contiguous run of the input row: copy runs, not taps
+            for (r, row) in (r0..r1).zip(out.chunks_exact_mut(kc)) {
+                let (b, y0, x0) = self.origin(r);
+                let mut kk = 0;
+                while kk < kc {
+                    let k = k0 + kk;
+                    let (ky, kx, ci) = (k / cin / kw, (k / cin) % kw, k % cin);
+                    let (iy, ix) = (y0 + ky as isize, x0 + kx as isize);
+                    let run = if iy < 0 || iy >= h as isize || ix < 0 || ix >= w as isize {
+                        let run = (cin - ci).min(kc - kk); // one padded tap
+                        row[kk..kk + run].fill(0.0);
+                        run
+                    } else {
+                        // taps up to the kernel row's end or the input's right edge
+                        let taps = (kw - kx).min(w - ix as usize);
+                        let run = (taps * cin - ci).min(kc - kk);
+                        let src = ((b * h + iy as usize) * w + ix as usize) * cin + ci;
+                        row[kk..kk + run].copy_from_slice(&data[src..src + run]);
+                        run
+                    };
+                    kk += run;
+                }
+            }
+            return;
+        }
         for (r, row) in (r0..r1).zip(out.chunks_exact_mut(kc)) {
             let mut kk = 0;
             while kk < kc {
@@ -372,7 +401,7 @@ fn profiling() -> bool {
     *ON.get_or_init(|| std::env::var_os("INCEPTION_PROFILE_GEMM").is_some())
 }
 
-fn has_avx2_fma() -> bool {
+pub(crate) fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")

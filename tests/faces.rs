@@ -41,15 +41,20 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn nets_match_facenet_pytorch() {
-    for (net, outs) in
-        [("pnet", &["reg", "prob"][..]), ("rnet", &["reg", "prob"]), ("onet", &["reg", "landmarks", "prob"])]
-    {
+    let cases: [(&str, &[&str]); 4] = [
+        ("pnet", &["reg", "prob"]),
+        ("pnet-planar", &["reg", "prob"]),
+        ("rnet", &["reg", "prob"]),
+        ("onet", &["reg", "landmarks", "prob"]),
+    ];
+    for (which, outs) in cases {
+        let net = &which[..4];
         let x = tensor(&format!("{net}.input"));
-        let got = mtcnn::raw::run(detector(), net, &x.data, x.shape[..].try_into().unwrap());
+        let got = mtcnn::raw::run(detector(), which, &x.data, x.shape[..].try_into().unwrap());
         for (o, g) in outs.iter().zip(&got) {
             let want = tensor(&format!("{net}.{o}"));
             let d = max_diff(g, &want.data);
-            assert!(d < 1e-5, "{net}.{o}: max diff {d}");
+            assert!(d < 1e-5, "{which}.{o}: max diff {d}");
         }
     }
 }
@@ -67,7 +72,7 @@ fn area_resampling_matches_torch_interpolate() {
     let img = mtcnn::Pixels { data: &hwc, h, w };
     for (key, rows, cols, out) in [("area.down", (0, 57), (0, 83), (23, 35)), ("area.up", (3, 17), (5, 14), (24, 24))] {
         let mut got = vec![0.0; out.0 * out.1 * 3];
-        mtcnn::area_resize(&img, rows, cols, out, false, &mut got);
+        mtcnn::area_resize(&img, rows, cols, out, false, mtcnn::Layout::Hwc, &mut got);
         let want = tensor(key);
         let mut want_hwc = vec![0.0; got.len()];
         for c in 0..3 {

@@ -65,7 +65,7 @@ fn similarity(src: &[[f32; 2]; 5], dst: &[[f32; 2]; 5]) -> Option<[f64; 4]> {
         num_b += x * v - y * u;
         den += x * x + y * y;
     }
-    if !(den > 1e-9) {
+    if den.is_nan() || den <= 1e-9 {
         return None;
     }
     let (a, b) = (num_a / den, num_b / den);

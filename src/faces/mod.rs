@@ -18,6 +18,7 @@
 //! ```
 
 pub mod align;
+pub mod direct;
 pub mod mtcnn;
 pub mod pairs;
 

@@ -10,6 +10,7 @@ use std::path::Path;
 use rayon::prelude::*;
 use safetensors::SafeTensors;
 
+use super::direct::{self, DirectConv, Planar};
 use crate::engine::{Act, Conv, Dense};
 use crate::error::{Error, Result};
 use crate::weights;
@@ -69,15 +70,25 @@ const ONET: NetSpec = NetSpec {
     heads: &[("dense6_1", 2), ("dense6_2", 4), ("dense6_3", 10)],
 };
 
+/// A convolution, its PReLU slopes and the max pool `(kernel, stride)` after it.
+#[derive(Clone, Debug)]
+struct Layer {
+    conv: Conv,
+    alpha: Vec<f32>,
+    pool: Option<(usize, usize)>,
+}
+
 /// A loaded cascade stage. The heads are merged into one layer whose outputs are the heads'
 /// outputs side by side (`[face logits (2), box regression (4), landmarks (10)]`).
 #[derive(Clone, Debug)]
 struct Net {
-    convs: Vec<(Conv, Vec<f32>, Option<(usize, usize)>)>,
+    convs: Vec<Layer>,
     dense: Option<(Dense, Vec<f32>)>,
     head_conv: Option<Conv>,
     head_dense: Option<Dense>,
     outputs: usize,
+    /// The same convolutions for row-planar maps (P-Net over the pyramid): trunk and head.
+    direct: Vec<DirectConv>,
 }
 
 /// Reads one net's tensors, checking each shape against the spec.
@@ -104,15 +115,16 @@ impl Reader<'_> {
 impl Net {
     fn load(r: &mut Reader<'_>, spec: &NetSpec) -> Result<Self> {
         r.net = spec.name;
-        let mut convs = Vec::new();
+        let (mut convs, mut direct) = (Vec::new(), Vec::new());
         let mut prelu_i = 1;
         for ConvSpec(name, [cout, cin, k], pool) in spec.convs {
             let w = r.get(&format!("{name}.weight"), &[*cout, *cin, *k, *k])?;
             let b = r.get(&format!("{name}.bias"), &[*cout])?;
-            let conv = Conv::new(&w, [*cout, *cin, *k, *k], 1, [0, 0], &vec![1.0; *cout], b, false);
+            let conv = Conv::new(&w, [*cout, *cin, *k, *k], 1, [0, 0], &vec![1.0; *cout], b.clone(), false);
+            direct.push(DirectConv::new(&w, [*cout, *cin, *k], b));
             let alpha = r.get(&format!("prelu{prelu_i}.weight"), &[*cout])?;
             prelu_i += 1;
-            convs.push((conv, alpha, *pool));
+            convs.push(Layer { conv, alpha, pool: *pool });
         }
         let last = spec.convs.last().map_or(3, |c| c.1[0]);
         let (dense, feat) = match spec.dense {
@@ -155,20 +167,33 @@ impl Net {
             }
             (None, Some(Dense::new(&wt, feat, outputs, b)))
         } else {
+            direct.push(DirectConv::new(&w, [outputs, feat, 1], b.clone()));
             (Some(Conv::new(&w, [outputs, feat, 1, 1], 1, [0, 0], &vec![1.0; outputs], b, false)), None)
         };
-        Ok(Self { convs, dense, head_conv, head_dense, outputs })
+        if spec.dense.is_some() {
+            direct.clear(); // R-/O-Net run batched crops on the GEMM engine
+        }
+        Ok(Self { convs, dense, head_conv, head_dense, outputs, direct })
     }
 
     /// NHWC input (already normalised) to the heads' outputs: per position (P-Net) or per
     /// image (R-/O-Net), `outputs` values each, with the map's `(h, w)`.
     fn run(&self, x: Act) -> (Vec<f32>, usize, usize) {
         let mut x = x;
-        for (conv, alpha, pool) in &self.convs {
+        for Layer { conv, alpha, pool } in &self.convs {
             x = conv.run(&x);
-            prelu(&mut x.data, alpha);
-            if let Some((k, s)) = pool {
-                x = max_pool_ceil(&x, *k, *s);
+            match pool {
+                // PReLU with slopes >= 0 is non-decreasing, so it commutes with max: pool
+                // first and activate the 4x smaller map (the same numbers either way)
+                Some((k, s)) if alpha.iter().all(|a| *a >= 0.0) => {
+                    x = max_pool_ceil(&x, *k, *s);
+                    prelu(&mut x.data, alpha);
+                }
+                Some((k, s)) => {
+                    prelu(&mut x.data, alpha);
+                    x = max_pool_ceil(&x, *k, *s);
+                }
+                None => prelu(&mut x.data, alpha),
             }
         }
         match (&self.head_conv, &self.head_dense, &self.dense) {
@@ -186,15 +211,47 @@ impl Net {
     }
 }
 
+impl Net {
+    /// A fully convolutional net (P-Net) on a row-planar map: per position the heads'
+    /// outputs (`outputs` values each) and the map size. Same numbers as `run` up to the order
+    /// of the sums.
+    fn run_planar(&self, mut x: Planar) -> (Vec<f32>, usize, usize) {
+        let (trunk, head) = self.direct.split_at(self.direct.len() - 1);
+        for (conv, Layer { alpha, pool, .. }) in trunk.iter().zip(&self.convs) {
+            x = conv.run(&x);
+            match pool {
+                Some((k, s)) if alpha.iter().all(|a| *a >= 0.0) => {
+                    x = direct::max_pool_ceil(&x, *k, *s, (pool_out(x.h, *k, *s), pool_out(x.w, *k, *s)));
+                    direct::prelu(&mut x, alpha);
+                }
+                Some((k, s)) => {
+                    direct::prelu(&mut x, alpha);
+                    x = direct::max_pool_ceil(&x, *k, *s, (pool_out(x.h, *k, *s), pool_out(x.w, *k, *s)));
+                }
+                None => direct::prelu(&mut x, alpha),
+            }
+        }
+        let y = head[0].run(&x);
+        let (c, h, w) = (y.c, y.h, y.w);
+        let mut out = vec![0.0; h * w * c];
+        for yy in 0..h {
+            for ch in 0..c {
+                for xx in 0..w {
+                    out[(yy * w + xx) * c + ch] = y.data[(yy * c + ch) * w + xx];
+                }
+            }
+        }
+        (out, h, w)
+    }
+}
+
 /// PReLU over the channels (the last axis).
 fn prelu(x: &mut [f32], alpha: &[f32]) {
     let c = alpha.len();
     x.par_chunks_mut(c * 256).for_each(|chunk| {
         for px in chunk.chunks_mut(c) {
             for (v, a) in px.iter_mut().zip(alpha) {
-                if *v < 0.0 {
-                    *v *= a;
-                }
+                *v = if *v < 0.0 { *v * a } else { *v };
             }
         }
     });
@@ -214,13 +271,15 @@ fn max_pool_ceil(x: &Act, k: usize, s: usize) -> Act {
     let (oh, ow) = (pool_out(x.h, k, s), pool_out(x.w, k, s));
     let mut y = Act::zeros(x.n, oh, ow, x.c);
     let c = x.c;
-    y.data.par_chunks_mut(c).enumerate().for_each(|(r, out)| {
-        let (b, oy, ox) = (r / (oh * ow), (r / ow) % oh, r % ow);
+    y.data.par_chunks_mut(ow * c).enumerate().for_each(|(r, out)| {
+        let (b, oy) = (r / oh, r % oh);
         out.fill(f32::NEG_INFINITY);
         for iy in oy * s..(oy * s + k).min(x.h) {
-            for ix in ox * s..(ox * s + k).min(x.w) {
-                let src = &x.data[((b * x.h + iy) * x.w + ix) * c..][..c];
-                out.iter_mut().zip(src).for_each(|(o, v)| *o = o.max(*v));
+            let row = &x.data[(b * x.h + iy) * x.w * c..][..x.w * c];
+            for (ox, o) in out.chunks_exact_mut(c).enumerate() {
+                for ix in ox * s..(ox * s + k).min(x.w) {
+                    o.iter_mut().zip(&row[ix * c..ix * c + c]).for_each(|(o, v)| *o = o.max(*v));
+                }
             }
         }
     });
@@ -234,39 +293,69 @@ pub struct Pixels<'a> {
     pub w: usize,
 }
 
+/// Averaging windows of adaptive pooling: output `i` averages inputs
+/// `[floor(i * n / out), ceil((i + 1) * n / out))`.
+fn windows(n: usize, out: usize) -> Vec<(usize, usize)> {
+    (0..out).map(|i| (i * n / out, ((i + 1) * n).div_ceil(out))).collect()
+}
+
+/// Memory order of a resampled map.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Layout {
+    /// `[h][w][3]`.
+    Hwc,
+    /// `[h][3][w]` (row-planar).
+    Planar,
+}
+
 /// PyTorch's `interpolate(mode="area")` (adaptive average pooling) of the window
-/// `rows x cols` of `img` to `oh x ow`, normalised as MTCNN wants (`(v - 127.5) / 128`),
-/// written to `dst` (`oh * ow * 3`, HWC).
+/// `rows x cols` of `img` to `oh x ow`, optionally normalised as MTCNN wants
+/// (`(v - 127.5) / 128`), written to `dst` (`oh * ow * 3`, in `layout` order). Separable:
+/// sums down the columns, then along the row (PyTorch's windows, summed in another order).
 pub fn area_resize(
     img: &Pixels<'_>,
     (y0, y1): (usize, usize),
     (x0, x1): (usize, usize),
     (oh, ow): (usize, usize),
     normalise: bool,
+    layout: Layout,
     dst: &mut [f32],
 ) {
     let (ih, iw) = (y1 - y0, x1 - x0);
-    let start = |i: usize, inp: usize, out: usize| i * inp / out;
-    let end = |i: usize, inp: usize, out: usize| ((i + 1) * inp).div_ceil(out);
-    dst.par_chunks_mut(ow * 3).enumerate().for_each(|(oy, row)| {
-        let (ya, yb) = (start(oy, ih, oh), end(oy, ih, oh));
-        for ox in 0..ow {
-            let (xa, xb) = (start(ox, iw, ow), end(ox, iw, ow));
+    let (wy, wx) = (windows(ih, oh), windows(iw, ow));
+    let output_row = |(oy, dst_row): (usize, &mut [f32])| {
+        // column sums over the row window (contiguous adds), then the column windows
+        let (a, b) = wy[oy];
+        let mut cols = vec![0.0f32; iw * 3];
+        for r in a..b {
+            let src = &img.data[((y0 + r) * img.w + x0) * 3..][..iw * 3];
+            cols.iter_mut().zip(src).for_each(|(o, v)| *o += v);
+        }
+        for (ox, &(xa, xb)) in wx.iter().enumerate() {
             let mut sum = [0.0f32; 3];
-            for iy in ya..yb {
-                for ix in xa..xb {
-                    let p = &img.data[((y0 + iy) * img.w + x0 + ix) * 3..][..3];
-                    sum[0] += p[0];
-                    sum[1] += p[1];
-                    sum[2] += p[2];
+            for p in cols[xa * 3..xb * 3].chunks_exact(3) {
+                sum[0] += p[0];
+                sum[1] += p[1];
+                sum[2] += p[2];
+            }
+            for (ch, v) in sum.into_iter().enumerate() {
+                let mut v = v / (b - a) as f32 / (xb - xa) as f32;
+                if normalise {
+                    v = (v - 127.5) * 0.0078125;
+                }
+                match layout {
+                    Layout::Hwc => dst_row[ox * 3 + ch] = v,
+                    Layout::Planar => dst_row[ch * ow + ox] = v,
                 }
             }
-            for ch in 0..3 {
-                let v = sum[ch] / (yb - ya) as f32 / (xb - xa) as f32;
-                row[ox * 3 + ch] = if normalise { (v - 127.5) * 0.0078125 } else { v };
-            }
         }
-    });
+    };
+    // small crops (R-/O-Net) are resized in parallel by the caller
+    if ih * iw > 1 << 16 {
+        dst.par_chunks_mut(ow * 3).enumerate().for_each(output_row);
+    } else {
+        dst.chunks_mut(ow * 3).enumerate().for_each(output_row);
+    }
 }
 
 /// Detection settings, facenet-pytorch's defaults.
@@ -426,9 +515,9 @@ impl Mtcnn {
         Ok(Self { pnet, rnet, onet, config })
     }
 
-    /// P-Net on `x` (NHWC, normalised): per position `[reg (4), prob]` and the map size.
-    fn pnet_map(&self, x: Act) -> (Vec<[f32; 5]>, usize, usize) {
-        let (y, h, w) = self.pnet.run(x);
+    /// P-Net on `x` (row-planar, normalised): per position `[reg (4), prob]` and the map size.
+    fn pnet_map(&self, x: Planar) -> (Vec<[f32; 5]>, usize, usize) {
+        let (y, h, w) = self.pnet.run_planar(x);
         let out = y.chunks_exact(self.pnet.outputs).map(|o| [o[2], o[3], o[4], o[5], face_prob(&o[..2])]).collect();
         (out, h, w)
     }
@@ -453,8 +542,8 @@ impl Mtcnn {
         let mut all = Vec::new();
         for scale in self.scales(img.h, img.w) {
             let (hs, ws) = ((img.h as f64 * scale + 1.0) as usize, (img.w as f64 * scale + 1.0) as usize);
-            let mut x = Act::zeros(1, hs, ws, 3);
-            area_resize(img, (0, img.h), (0, img.w), (hs, ws), true, &mut x.data);
+            let mut x = Planar { c: 3, h: hs, w: ws, data: vec![0.0; hs * ws * 3] };
+            area_resize(img, (0, img.h), (0, img.w), (hs, ws), true, Layout::Planar, &mut x.data);
             let (map, mh, mw) = self.pnet_map(x);
             let s = scale as f32;
             let mut cands = Vec::new();
@@ -495,7 +584,7 @@ impl Mtcnn {
             boxes.into_iter().filter_map(|c| window(&c.b, img.w, img.h).map(|win| (c, win))).collect();
         let mut x = Act::zeros(kept.len(), size, size, 3);
         x.data.par_chunks_mut(size * size * 3).zip(&kept).for_each(|(dst, (_, (ys, xs)))| {
-            area_resize(img, *ys, *xs, (size, size), true, dst);
+            area_resize(img, *ys, *xs, (size, size), true, Layout::Hwc, dst);
         });
         (kept.into_iter().map(|(c, _)| c).collect(), x)
     }
@@ -581,23 +670,35 @@ impl Mtcnn {
 pub mod raw {
     use super::*;
 
-    /// `which` = pnet / rnet / onet on an NCHW input; outputs as the PyTorch module gives
+    /// `which` = pnet / pnet-planar (the pyramid's path) / rnet / onet on an NCHW input; outputs as the PyTorch module gives
     /// them, flattened: P-Net `(reg [n,4,h,w], prob [n,2,h,w])`, R-Net `(reg, prob)`, O-Net
     /// `(reg, landmarks, prob)` (rows of 4, 10, 2).
     pub fn run(m: &Mtcnn, which: &str, x: &[f32], shape: [usize; 4]) -> Vec<Vec<f32>> {
         let net = match which {
-            "pnet" => &m.pnet,
+            "pnet" | "pnet-planar" => &m.pnet,
             "rnet" => &m.rnet,
             _ => &m.onet,
         };
-        let (y, h, w) = net.run(Act::from_nchw(x, shape));
+        let (y, h, w) = if which == "pnet-planar" {
+            let [n, c, h, w] = shape;
+            assert_eq!(n, 1, "planar P-Net runs one map");
+            let mut d = vec![0.0; c * h * w];
+            for ch in 0..c {
+                for yy in 0..h {
+                    d[(yy * c + ch) * w..][..w].copy_from_slice(&x[(ch * h + yy) * w..][..w]);
+                }
+            }
+            m.pnet.run_planar(Planar { c, h, w, data: d })
+        } else {
+            net.run(Act::from_nchw(x, shape))
+        };
         let k = net.outputs;
         let n = shape[0];
         let probs = |o: &[f32]| {
             let p = face_prob(&o[..2]);
             [1.0 - p, p]
         };
-        if which == "pnet" {
+        if which.starts_with("pnet") {
             let (mut reg, mut prob) = (vec![0.0; n * 4 * h * w], vec![0.0; n * 2 * h * w]);
             for (i, o) in y.chunks_exact(k).enumerate() {
                 let (b, p) = (i / (h * w), i % (h * w));
