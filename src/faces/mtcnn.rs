@@ -516,10 +516,34 @@ impl Mtcnn {
     }
 
     /// P-Net on `x` (row-planar, normalised): per position `[reg (4), prob]` and the map size.
-    fn pnet_map(&self, x: Planar) -> (Vec<[f32; 5]>, usize, usize) {
-        let (y, h, w) = self.pnet.run_planar(x);
-        let out = y.chunks_exact(self.pnet.outputs).map(|o| [o[2], o[3], o[4], o[5], face_prob(&o[..2])]).collect();
-        (out, h, w)
+    /// Large levels run in horizontal bands of output rows (in parallel), so that the four
+    /// layers of a band stay in cache; each output is computed exactly as on the whole map.
+    fn pnet_map(&self, x: &Planar) -> (Vec<[f32; 5]>, usize, usize) {
+        // P-Net: output row j reads input rows 2j .. 2j + 11 (12 x 12 receptive field, stride 2)
+        const BAND: usize = 24;
+        let mh = pool_out(x.h - 2, 2, 2) - 4;
+        let row = x.c * x.w;
+        let band = |j0: usize| {
+            let j1 = (j0 + BAND).min(mh);
+            // the last band runs to the image's end, so ceil-mode pooling sees what it saw whole
+            let r1 = if j1 == mh { x.h } else { 2 * (j1 - 1) + 12 };
+            let sub = Planar { c: x.c, h: r1 - 2 * j0, w: x.w, data: x.data[2 * j0 * row..r1 * row].to_vec() };
+            let (y, h, w) = self.pnet.run_planar(sub);
+            debug_assert_eq!(h, j1 - j0);
+            (y, w)
+        };
+        let parts: Vec<(Vec<f32>, usize)> = if mh <= BAND {
+            vec![band(0)]
+        } else {
+            (0..mh).step_by(BAND).collect::<Vec<_>>().into_par_iter().map(band).collect()
+        };
+        let mw = parts[0].1;
+        let out = parts
+            .iter()
+            .flat_map(|(y, _)| y.chunks_exact(self.pnet.outputs))
+            .map(|o| [o[2], o[3], o[4], o[5], face_prob(&o[..2])])
+            .collect();
+        (out, mh, mw)
     }
 
     /// The image pyramid's scales (facenet-pytorch: from `12 / min_face_size` down by `factor`
@@ -544,7 +568,7 @@ impl Mtcnn {
             let (hs, ws) = ((img.h as f64 * scale + 1.0) as usize, (img.w as f64 * scale + 1.0) as usize);
             let mut x = Planar { c: 3, h: hs, w: ws, data: vec![0.0; hs * ws * 3] };
             area_resize(img, (0, img.h), (0, img.w), (hs, ws), true, Layout::Planar, &mut x.data);
-            let (map, mh, mw) = self.pnet_map(x);
+            let (map, mh, mw) = self.pnet_map(&x);
             let s = scale as f32;
             let mut cands = Vec::new();
             for yy in 0..mh {
@@ -715,5 +739,29 @@ pub mod raw {
         let reg: Vec<f32> = rows.clone().flat_map(|o| o[2..6].to_vec()).collect();
         let prob: Vec<f32> = rows.clone().flat_map(probs).collect();
         if which == "rnet" { vec![reg, prob] } else { vec![reg, rows.flat_map(|o| o[6..16].to_vec()).collect(), prob] }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bands give exactly the whole map's numbers, for even and odd map heights (ceil-mode
+    /// pooling at the bottom) and heights that are not a multiple of the band.
+    #[test]
+    fn banded_pnet_equals_whole_map() {
+        let m = Mtcnn::new(DetectConfig::default()).unwrap();
+        for h in [60, 101, 130, 131] {
+            let w = 37;
+            let data: Vec<f32> = (0..h * 3 * w).map(|i| ((i * 7919 % 251) as f32 / 125.0) - 1.0).collect();
+            let x = Planar { c: 3, h, w, data };
+            let (banded, mh, mw) = m.pnet_map(&x);
+            let (whole, wh, ww) = m.pnet.run_planar(x.clone());
+            assert_eq!((mh, mw), (wh, ww));
+            for (b, o) in banded.iter().zip(whole.chunks_exact(m.pnet.outputs)) {
+                assert_eq!(b[..4], o[2..6]);
+                assert_eq!(b[4], face_prob(&o[..2]));
+            }
+        }
     }
 }
