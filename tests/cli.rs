@@ -2,31 +2,20 @@
 
 mod common;
 
+use common::{bin, run, text};
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use burn::tensor::{Device, Tensor};
 use inception::models::{Model, ModelConfig, ModelKind};
 use inception::weights;
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_inception"))
-}
-
 fn dir() -> PathBuf {
     let d = std::env::temp_dir().join(format!("inception-cli-test-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().expect("run inception")
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
 /// A random IR-v1 with 1000 classes (so ImageNet labels apply), saved once.

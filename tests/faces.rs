@@ -5,8 +5,9 @@
 
 mod common;
 
+use common::{run, s, text};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use burn::tensor::Device;
@@ -211,22 +212,6 @@ fn landmark_alignment_puts_the_eyes_on_the_template() {
 
 // ---------------------------------------------------------------------------------------------
 // The commands
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_inception"))
-}
-
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().expect("run inception")
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// Random face weights: a narrow IR-v1 with facenet's 160 px preprocessing.
 fn face_weights() -> &'static Path {

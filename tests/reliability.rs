@@ -4,26 +4,16 @@
 
 mod common;
 
+use common::{bin, run, s, text};
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
 use inception::models::{Model, ModelConfig, ModelKind};
 use inception::weights;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_inception"))
-}
-
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().expect("run inception")
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
 
 /// Exit code 2 with a message and no panic.
 fn refused(o: &Output) -> String {
@@ -31,10 +21,6 @@ fn refused(o: &Output) -> String {
     assert_eq!(o.status.code(), Some(2), "{t}");
     assert!(!t.contains("panicked") && !t.contains("RUST_BACKTRACE"), "{t}");
     t
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// A small random IR-v1 (width 0.1, 10 classes) with its tensors, for corrupting.

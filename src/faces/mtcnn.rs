@@ -601,16 +601,20 @@ impl Mtcnn {
             .collect()
     }
 
-    /// Crop each box's window, area-resampled to `size`, as one normalised batch; boxes whose
-    /// window is empty are dropped.
-    fn crops(img: &Pixels<'_>, boxes: Vec<Cand>, size: usize) -> (Vec<Cand>, Act) {
+    /// Crop each box's window, area-resampled to `size`, run `net` on them as one batch: the
+    /// boxes with their output rows (boxes whose window is empty are dropped).
+    fn refine(img: &Pixels<'_>, boxes: Vec<Cand>, size: usize, net: &Net) -> (Vec<Cand>, Vec<f32>, usize) {
         let kept: Vec<(Cand, _)> =
             boxes.into_iter().filter_map(|c| window(&c.b, img.w, img.h).map(|win| (c, win))).collect();
+        if kept.is_empty() {
+            return (Vec::new(), Vec::new(), net.outputs);
+        }
         let mut x = Act::zeros(kept.len(), size, size, 3);
         x.data.par_chunks_mut(size * size * 3).zip(&kept).for_each(|(dst, (_, (ys, xs)))| {
             area_resize(img, *ys, *xs, (size, size), true, Layout::Hwc, dst);
         });
-        (kept.into_iter().map(|(c, _)| c).collect(), x)
+        let (out, _, _) = net.run(x);
+        (kept.into_iter().map(|(c, _)| c).collect(), out, net.outputs)
     }
 
     /// Every face in an RGB image (HWC f32, 0..255), largest first.
@@ -630,12 +634,7 @@ impl Mtcnn {
             return Vec::new();
         }
         // Stage 2: R-Net on 24 px crops.
-        let (boxes, x) = Self::crops(img, boxes, 24);
-        if boxes.is_empty() {
-            return Vec::new();
-        }
-        let (out, _, _) = self.rnet.run(x);
-        let k = self.rnet.outputs;
+        let (boxes, out, k) = Self::refine(img, boxes, 24, &self.rnet);
         let pass: Vec<Cand> = boxes
             .iter()
             .zip(out.chunks_exact(k))
@@ -653,16 +652,8 @@ impl Mtcnn {
                 c
             })
             .collect();
-        if boxes.is_empty() {
-            return Vec::new();
-        }
         // Stage 3: O-Net on 48 px crops, landmarks.
-        let (boxes, x) = Self::crops(img, boxes, 48);
-        if boxes.is_empty() {
-            return Vec::new();
-        }
-        let (out, _, _) = self.onet.run(x);
-        let k = self.onet.outputs;
+        let (boxes, out, k) = Self::refine(img, boxes, 48, &self.onet);
         let mut faces = Vec::new();
         let mut cands = Vec::new();
         for (c, o) in boxes.iter().zip(out.chunks_exact(k)) {
