@@ -78,7 +78,7 @@ fn residual(r: ResBlock) -> Block {
     if !r.branch2.is_empty() {
         branches.push(chain(r.branch2));
     }
-    let up = conv(&r.conv2d, None, false);
+    let up = conv(&r.conv2d, r.bn.as_ref(), false);
     Block::new(branches, Some(Residual { up, scale: r.scale as f32, relu: r.act, shortcut: r.shortcut }))
 }
 

@@ -185,8 +185,9 @@ enum Cmd {
         /// `fashion-mnist`, an idx folder, or an image folder.
         #[arg(long, default_value = "fashion-mnist")]
         data: String,
-        /// quick (<= 15 min on 2 CPU cores), full (GPU), or test (2 steps).
-        #[arg(long, default_value = "quick", value_parser = ["test", "quick", "full"])]
+        /// quick (<= 15 min on 2 CPU cores), medium (about 2 hours there), full (GPU), or test
+        /// (2 steps).
+        #[arg(long, default_value = "quick", value_parser = ["test", "quick", "medium", "full"])]
         budget: String,
         /// Output folder.
         #[arg(long)]

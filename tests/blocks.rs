@@ -32,11 +32,11 @@ macro_rules! block_test {
 block_test!(v4_mixed3a, "v4.mixed3a", |d| v4::Mixed3a::new(1.0, d));
 block_test!(v4_mixed4a, "v4.mixed4a", |d| v4::Mixed4a::new(1.0, d));
 block_test!(v4_mixed5a, "v4.mixed5a", |d| v4::Mixed5a::new(1.0, d));
-block_test!(v4_inception_a, "v4.inception_a", v4::inception_a);
+block_test!(v4_inception_a, "v4.inception_a", |d| v4::inception_a(384, 1.0, d));
 block_test!(v4_reduction_a, "v4.reduction_a", |d| v4::ReductionA::new(384, [192, 224, 256, 384], d));
-block_test!(v4_inception_b, "v4.inception_b", v4::inception_b);
-block_test!(v4_reduction_b, "v4.reduction_b", v4::ReductionB::new);
-block_test!(v4_inception_c, "v4.inception_c", v4::InceptionC::new);
+block_test!(v4_inception_b, "v4.inception_b", |d| v4::inception_b(1024, 1.0, d));
+block_test!(v4_reduction_b, "v4.reduction_b", |d| v4::ReductionB::new(1024, 1.0, d));
+block_test!(v4_inception_c, "v4.inception_c", |d| v4::InceptionC::new(1536, 1.0, d));
 
 fn v2() -> IrConfig {
     IrConfig::slim_v2(0)

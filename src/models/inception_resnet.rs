@@ -66,8 +66,8 @@ pub struct IrConfig {
     /// variants for small data and machines are the same code.
     #[serde(default = "one")]
     pub width: f64,
-    /// No shortcut in the residual blocks: the plain Inception counterpart of the same cost
-    /// (`inception reproduce residual-speedup`).
+    /// No shortcut in the residual blocks, BatchNorm after their up-projections: the plain
+    /// Inception counterpart of the same cost (`inception reproduce residual-speedup`).
     #[serde(default)]
     pub plain: bool,
 }
@@ -269,6 +269,8 @@ pub struct ResBlock {
     pub branch1: Vec<ConvBnAct>,
     pub branch2: Vec<ConvBnAct>,
     pub conv2d: Conv2d,
+    /// BatchNorm after the up-projection: only in the plain counterpart (no shortcut).
+    pub bn: Option<BatchNorm>,
     #[module(skip)]
     pub scale: f64,
     #[module(skip)]
@@ -311,10 +313,23 @@ impl ResBlock {
             branch1,
             branch2,
             conv2d: conv_bias(cat, s.channels, device),
+            bn: None,
             scale,
             act,
             shortcut: true,
         }
+    }
+
+    /// The plain counterpart of the same cost (the paper's Inception-v3/v4 side of Figs. 24-26):
+    /// no shortcut; the up-projection is then an ordinary layer, so it gets BatchNorm like every
+    /// other non-summation layer (bias-free conv + BN).
+    pub fn without_shortcut(mut self, device: &Device) -> Self {
+        let [cout, cin, _, _] = self.conv2d.weight.dims();
+        let up = ConvBnAct::new(cin, cout, k(1), device);
+        self.conv2d = up.conv;
+        self.bn = Some(up.bn);
+        self.shortcut = false;
+        self
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
@@ -322,7 +337,10 @@ impl ResBlock {
         if !self.branch2.is_empty() {
             parts.push(run_chain(&self.branch2, x.clone()));
         }
-        let up = self.conv2d.forward(Tensor::cat(parts, 1));
+        let mut up = self.conv2d.forward(Tensor::cat(parts, 1));
+        if let Some(bn) = &self.bn {
+            up = bn.forward(up);
+        }
         let y = if self.shortcut { x + up.mul_scalar(self.scale) } else { up };
         if self.act { relu(y) } else { y }
     }
@@ -440,7 +458,12 @@ impl InceptionResnet {
         let (a, b, cc) = (&cfg.block_a, &cfg.block_b, &cfg.block_c);
         let stage = |name: &str, kind: ResKind, s: &ResBlockSpec, n: usize, scale: f64| -> Vec<ResBlock> {
             let n = if has(name) { n } else { 0 };
-            (0..n).map(|_| ResBlock { shortcut: !cfg.plain, ..ResBlock::new(kind, s, scale, true, device) }).collect()
+            (0..n)
+                .map(|_| {
+                    let b = ResBlock::new(kind, s, scale, true, device);
+                    if cfg.plain { b.without_shortcut(device) } else { b }
+                })
+                .collect()
         };
         let c = |n| ch(n, cfg.width);
         let conv = |name: &str, cin, cout, spec| has(name).then(|| ConvBnAct::new(cin, cout, spec, device));

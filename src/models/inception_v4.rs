@@ -71,12 +71,13 @@ impl Mixed5a {
 
 /// Fig. 4, Inception-A on 35x35x384: 1x1 96 || 1x1 64 -> 3x3 96 || 1x1 64 -> 3x3 96 -> 3x3 96 ||
 /// avg pool -> 1x1 96.
-pub fn inception_a(device: &Device) -> FourBranch {
+pub fn inception_a(cin: usize, width: f64, device: &Device) -> FourBranch {
+    let c = |n| ch(n, width);
     FourBranch {
-        branch0: ConvBnAct::new(384, 96, k(1), device),
-        branch1: conv_chain(384, &[(64, k(1)), (96, k(3).same())], device),
-        branch2: conv_chain(384, &[(64, k(1)), (96, k(3).same()), (96, k(3).same())], device),
-        branch3: pool_proj(384, 96, device),
+        branch0: ConvBnAct::new(cin, c(96), k(1), device),
+        branch1: conv_chain(cin, &[(c(64), k(1)), (c(96), k(3).same())], device),
+        branch2: conv_chain(cin, &[(c(64), k(1)), (c(96), k(3).same()), (c(96), k(3).same())], device),
+        branch3: pool_proj(cin, c(96), device),
     }
 }
 
@@ -107,16 +108,17 @@ impl ReductionA {
 
 /// Fig. 5, Inception-B on 17x17x1024: 1x1 384 || 1x1 192 -> 1x7 224 -> 7x1 256 ||
 /// 1x1 192 -> 7x1 192 -> 1x7 224 -> 7x1 224 -> 1x7 256 || avg pool -> 1x1 128.
-pub fn inception_b(device: &Device) -> FourBranch {
+pub fn inception_b(cin: usize, width: f64, device: &Device) -> FourBranch {
+    let c = |n| ch(n, width);
     FourBranch {
-        branch0: ConvBnAct::new(1024, 384, k(1), device),
-        branch1: conv_chain(1024, &[(192, k(1)), (224, k1xn(7)), (256, knx1(7))], device),
+        branch0: ConvBnAct::new(cin, c(384), k(1), device),
+        branch1: conv_chain(cin, &[(c(192), k(1)), (c(224), k1xn(7)), (c(256), knx1(7))], device),
         branch2: conv_chain(
-            1024,
-            &[(192, k(1)), (192, knx1(7)), (224, k1xn(7)), (224, knx1(7)), (256, k1xn(7))],
+            cin,
+            &[(c(192), k(1)), (c(192), knx1(7)), (c(224), k1xn(7)), (c(224), knx1(7)), (c(256), k1xn(7))],
             device,
         ),
-        branch3: pool_proj(1024, 128, device),
+        branch3: pool_proj(cin, c(128), device),
     }
 }
 
@@ -130,10 +132,15 @@ pub struct ReductionB {
 }
 
 impl ReductionB {
-    pub fn new(device: &Device) -> Self {
+    pub fn new(cin: usize, width: f64, device: &Device) -> Self {
+        let c = |n| ch(n, width);
         Self {
-            branch0: conv_chain(1024, &[(192, k(1)), (192, k(3).s2())], device),
-            branch1: conv_chain(1024, &[(256, k(1)), (256, k1xn(7)), (320, knx1(7)), (320, k(3).s2())], device),
+            branch0: conv_chain(cin, &[(c(192), k(1)), (c(192), k(3).s2())], device),
+            branch1: conv_chain(
+                cin,
+                &[(c(256), k(1)), (c(256), k1xn(7)), (c(320), knx1(7)), (c(320), k(3).s2())],
+                device,
+            ),
             branch2: max_pool_3s2(),
         }
     }
@@ -162,19 +169,20 @@ pub struct InceptionC {
 }
 
 impl InceptionC {
-    pub fn new(device: &Device) -> Self {
-        let c = |cin, cout, spec| ConvBnAct::new(cin, cout, spec, device);
+    pub fn new(cin: usize, width: f64, device: &Device) -> Self {
+        let w = |n| ch(n, width);
+        let c = |i, o, spec| ConvBnAct::new(i, o, spec, device);
         Self {
-            branch0: c(1536, 256, k(1)),
-            branch1_0: c(1536, 384, k(1)),
-            branch1_1a: c(384, 256, k1xn(3)),
-            branch1_1b: c(384, 256, knx1(3)),
-            branch2_0: c(1536, 384, k(1)),
-            branch2_1: c(384, 448, knx1(3)),
-            branch2_2: c(448, 512, k1xn(3)),
-            branch2_3a: c(512, 256, k1xn(3)),
-            branch2_3b: c(512, 256, knx1(3)),
-            branch3: pool_proj(1536, 256, device),
+            branch0: c(cin, w(256), k(1)),
+            branch1_0: c(cin, w(384), k(1)),
+            branch1_1a: c(w(384), w(256), k1xn(3)),
+            branch1_1b: c(w(384), w(256), knx1(3)),
+            branch2_0: c(cin, w(384), k(1)),
+            branch2_1: c(w(384), w(448), knx1(3)),
+            branch2_2: c(w(448), w(512), k1xn(3)),
+            branch2_3a: c(w(512), w(256), k1xn(3)),
+            branch2_3b: c(w(512), w(256), knx1(3)),
+            branch3: pool_proj(cin, w(256), device),
         }
     }
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
@@ -232,14 +240,18 @@ impl V4Block {
 pub struct InceptionV4 {
     pub features: Vec<V4Block>,
     pub last_linear: Option<Linear>,
+    /// Channel multiplier (1.0 = the published network).
+    pub width: f64,
 }
 
 /// The trunk's feature stages, as timm reports them: `features.0..=2` (the first convs of
 /// Fig. 3), `3` (Mixed3a), `4..=9` (Mixed4a, Mixed5a, 4 x Inception-A), `10..=17` (Reduction-A,
 /// 7 x Inception-B), `18..=21` (Reduction-B, 3 x Inception-C). The one place the v4 trunk is
 /// grouped; `InceptionV4::new` writes the blocks in order.
-pub fn stages() -> Vec<StageSpec> {
-    [(0..=2, 64, 2), (3..=3, 160, 4), (4..=9, 384, 8), (10..=17, 1024, 16), (18..=21, 1536, 32)]
+pub fn stages(width: f64) -> Vec<StageSpec> {
+    let c = |n| ch(n, width);
+    let [a, b, cc] = widths(width);
+    [(0..=2, c(64), 2), (3..=3, c(64) + c(96), 4), (4..=9, a, 8), (10..=17, b, 16), (18..=21, cc, 32)]
         .into_iter()
         .map(|(range, channels, reduction)| {
             let parts: Vec<String> = range.map(|i| format!("features.{i}")).collect();
@@ -249,22 +261,33 @@ pub fn stages() -> Vec<StageSpec> {
         .collect()
 }
 
+/// Output channels of the Inception-A, -B and -C stages (384, 1024, 1536 at width 1.0).
+fn widths(width: f64) -> [usize; 3] {
+    let c = |n| ch(n, width);
+    [4 * c(96), c(384) + 2 * c(256) + c(128), 6 * c(256)]
+}
+
 impl InceptionV4 {
-    pub fn new(num_classes: usize, device: &Device) -> Self {
+    pub fn new(num_classes: usize, width: f64, device: &Device) -> Self {
+        let c = |n| ch(n, width);
         let mut f = vec![
-            V4Block::Conv(ConvBnAct::new(3, 32, k(3).s2(), device)),
-            V4Block::Conv(ConvBnAct::new(32, 32, k(3), device)),
-            V4Block::Conv(ConvBnAct::new(32, 64, k(3).same(), device)),
-            V4Block::Mixed3a(Mixed3a::new(1.0, device)),
-            V4Block::Mixed4a(Mixed4a::new(1.0, device)),
-            V4Block::Mixed5a(Mixed5a::new(1.0, device)),
+            V4Block::Conv(ConvBnAct::new(3, c(32), k(3).s2(), device)),
+            V4Block::Conv(ConvBnAct::new(c(32), c(32), k(3), device)),
+            V4Block::Conv(ConvBnAct::new(c(32), c(64), k(3).same(), device)),
+            V4Block::Mixed3a(Mixed3a::new(width, device)),
+            V4Block::Mixed4a(Mixed4a::new(width, device)),
+            V4Block::Mixed5a(Mixed5a::new(width, device)),
         ];
-        f.extend((0..4).map(|_| V4Block::InceptionA(inception_a(device))));
-        f.push(V4Block::ReductionA(ReductionA::new(384, [192, 224, 256, 384], device)));
-        f.extend((0..7).map(|_| V4Block::InceptionB(inception_b(device))));
-        f.push(V4Block::ReductionB(ReductionB::new(device)));
-        f.extend((0..3).map(|_| V4Block::InceptionC(InceptionC::new(device))));
-        Self { features: f, last_linear: classifier(1536, num_classes, device) }
+        let [a, b, cc] = widths(width);
+        let stem = c(192) + 2 * c(96); // Mixed5a: conv 192 || pool of 96 + 96
+        f.extend((0..4).map(|i| V4Block::InceptionA(inception_a(if i == 0 { stem } else { a }, width, device))));
+        f.push(V4Block::ReductionA(ReductionA::new(a, [c(192), c(224), c(256), c(384)], device)));
+        let red_a = c(384) + c(256) + a; // Fig. 7: n || m || pool
+        f.extend((0..7).map(|i| V4Block::InceptionB(inception_b(if i == 0 { red_a } else { b }, width, device))));
+        f.push(V4Block::ReductionB(ReductionB::new(b, width, device)));
+        let red_b = c(192) + c(320) + b; // Fig. 8
+        f.extend((0..3).map(|i| V4Block::InceptionC(InceptionC::new(if i == 0 { red_b } else { cc }, width, device))));
+        Self { features: f, last_linear: classifier(cc, num_classes, device), width }
     }
 
     /// Run the part `features.N`.

@@ -161,7 +161,7 @@ pub struct FeatureInfo {
 pub struct ModelConfig {
     pub model: ModelKind,
     pub num_classes: usize,
-    /// Channel multiplier (Inception-ResNet only; 1.0 = the published width).
+    /// Channel multiplier (1.0 = the published width).
     #[serde(default = "default_width")]
     pub width: f64,
     /// Inception-ResNet without shortcuts (same cost), for the residual-speedup experiment.
@@ -198,7 +198,7 @@ pub enum Model {
 impl Model {
     pub fn new(cfg: &ModelConfig, device: &Device) -> Self {
         match cfg.model {
-            ModelKind::InceptionV4 => Model::V4(InceptionV4::new(cfg.num_classes, device)),
+            ModelKind::InceptionV4 => Model::V4(InceptionV4::new(cfg.num_classes, cfg.width, device)),
             kind => {
                 let ir =
                     IrConfig::for_kind(kind, cfg.num_classes).unwrap_or_else(|| IrConfig::slim_v2(cfg.num_classes));
@@ -221,7 +221,7 @@ impl Model {
 
     pub fn config(&self) -> ModelConfig {
         let (width, plain, residual_scale) = match self {
-            Model::V4(_) => (1.0, false, None),
+            Model::V4(m) => (m.width, false, None),
             Model::Ir(m) => {
                 let scales: Vec<f64> = m.repeat.iter().chain(&m.repeat_1).chain(&m.repeat_2).map(|b| b.scale).collect();
                 let uniform = scales.windows(2).all(|w| w[0] == w[1]);
@@ -252,7 +252,7 @@ impl Model {
     /// Width of `forward_head(.., pre_logits = true)`.
     pub fn num_features(&self) -> usize {
         match self {
-            Model::V4(_) => 1536,
+            Model::V4(m) => inception_v4::stages(m.width).last().map_or(1536, |s| s.info.channels),
             Model::Ir(m) => m.num_features(),
         }
     }
@@ -271,7 +271,7 @@ impl Model {
     /// The trunk's description (see the module docs).
     pub fn stages(&self) -> Vec<StageSpec> {
         match self {
-            Model::V4(_) => inception_v4::stages(),
+            Model::V4(m) => inception_v4::stages(m.width),
             Model::Ir(m) => m.stages(),
         }
     }
@@ -363,7 +363,7 @@ impl Model {
 /// The trunk description of a model kind at a width multiplier, without building the model.
 pub fn stages(kind: ModelKind, width: f64) -> Vec<StageSpec> {
     match IrConfig::for_kind(kind, 0) {
-        None => inception_v4::stages(),
+        None => inception_v4::stages(width),
         Some(cfg) => cfg.with_width(width).stages(),
     }
 }

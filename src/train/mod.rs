@@ -157,9 +157,6 @@ impl TrainConfig {
         if self.devices == 0 || self.devices > 64 {
             return bad("devices", self.devices.to_string(), "[1, 64]");
         }
-        if self.model.model == ModelKind::InceptionV4 && self.model.width != 1.0 {
-            return Err(Error::Invalid("--width applies to the Inception-ResNet models only".into()));
-        }
         let o = &self.optim;
         if ![o.rho, o.momentum, o.epsilon, o.weight_decay, o.ema_decay].iter().all(|v| v.is_finite() && *v >= 0.0)
             || o.clip_norm.is_some_and(|c| !(c.is_finite() && c > 0.0))
