@@ -447,10 +447,22 @@ pub fn decode_rgb(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
     })
 }
 
+/// Pillow's `CMYK` -> `RGB` of a libjpeg CMYK sample: Pillow reads JPEG CMYK inverted (Adobe's
+/// convention, `CMYK;I`), then `r = (255 - k) - c (255 - k) / 255` with its rounding.
+fn cmyk_to_rgb(p: [u8; 4]) -> [u8; 3] {
+    let [c, m, y, k] = p.map(|v| 255 - v as i32);
+    let nk = 255 - k;
+    let muldiv255 = |a: i32| {
+        let t = a * nk + 128;
+        ((t >> 8) + t) >> 8
+    };
+    [c, m, y].map(|v| (nk - muldiv255(v)).clamp(0, 255) as u8)
+}
+
 /// Decode a JPEG with libjpeg-turbo's decoder (mozjpeg), exactly as Pillow does (ISLOW IDCT,
-/// fancy upsampling; grayscale repeated to RGB). A file that ends early is an error, as in
-/// Pillow. `None` for colour spaces Pillow converts itself (CMYK, YCCK): the `image` crate
-/// decodes those.
+/// fancy upsampling; grayscale repeated to RGB; CMYK / YCCK converted with Pillow's formula).
+/// A file that ends early is an error, as in Pillow. `None` for other colour spaces (the
+/// `image` crate decodes those).
 fn decode_jpeg_libjpeg(bytes: &[u8]) -> Option<std::result::Result<RgbImage, String>> {
     use mozjpeg_sys as ffi;
     use std::os::raw::c_int;
@@ -475,14 +487,23 @@ fn decode_jpeg_libjpeg(bytes: &[u8]) -> Option<std::result::Result<RgbImage, Str
         err.emit_message = Some(message);
         let d = mozjpeg::Decompress::with_err(err).from_mem(bytes).map_err(|e| e.to_string())?;
         use mozjpeg::ColorSpace as Cs;
-        if !matches!(d.color_space(), Cs::JCS_YCbCr | Cs::JCS_GRAYSCALE | Cs::JCS_RGB) {
-            return Ok(None);
+        match d.color_space() {
+            Cs::JCS_YCbCr | Cs::JCS_GRAYSCALE | Cs::JCS_RGB => {
+                let mut started = d.rgb().map_err(|e| e.to_string())?;
+                let (w, h) = (started.width() as u32, started.height() as u32);
+                let px: Vec<[u8; 3]> = started.read_scanlines().map_err(|e| e.to_string())?;
+                started.finish().map_err(|e| e.to_string())?;
+                Ok(RgbImage::from_raw(w, h, px.into_iter().flatten().collect()))
+            }
+            Cs::JCS_CMYK | Cs::JCS_YCCK => {
+                let mut started = d.to_colorspace(Cs::JCS_CMYK).map_err(|e| e.to_string())?;
+                let (w, h) = (started.width() as u32, started.height() as u32);
+                let px: Vec<[u8; 4]> = started.read_scanlines().map_err(|e| e.to_string())?;
+                started.finish().map_err(|e| e.to_string())?;
+                Ok(RgbImage::from_raw(w, h, px.into_iter().flat_map(cmyk_to_rgb).collect()))
+            }
+            _ => Ok(None),
         }
-        let mut started = d.rgb().map_err(|e| e.to_string())?;
-        let (w, h) = (started.width() as u32, started.height() as u32);
-        let px: Vec<[u8; 3]> = started.read_scanlines().map_err(|e| e.to_string())?;
-        started.finish().map_err(|e| e.to_string())?;
-        Ok(RgbImage::from_raw(w, h, px.into_iter().flatten().collect()))
     };
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or_else(|payload| {
         Err(payload.downcast_ref::<String>().cloned().unwrap_or_else(|| "corrupt JPEG data".into()))

@@ -49,6 +49,11 @@ fn corpus() -> Vec<(&'static str, Vec<u8>)> {
         img.save(&f).unwrap();
         out.push(("image", std::fs::read(&f).unwrap()));
     }
+    // JPEG as libjpeg-turbo decodes it: grayscale, and CMYK (Adobe) from the fixtures
+    let f = dir.join("g.jpg");
+    image::DynamicImage::ImageRgb8(rgb.clone()).to_luma8().save(&f).unwrap();
+    out.push(("image", std::fs::read(&f).unwrap()));
+    out.push(("image", std::fs::read(common::fixtures().join("preprocess/cmyk_chelsea.jpg")).unwrap()));
     // configs
     let tc = TrainConfig::new(ModelKind::InceptionResnetV1, "fashion-mnist");
     out.push(("train_config", serde_json::to_vec(&tc).unwrap()));
@@ -121,6 +126,11 @@ fn mutate(base: &[u8], others: &[(&str, Vec<u8>)], rng: &mut SplitMix) -> Vec<u8
     v
 }
 
+fn detector() -> &'static inception::faces::Mtcnn {
+    static M: std::sync::OnceLock<inception::faces::Mtcnn> = std::sync::OnceLock::new();
+    M.get_or_init(|| inception::faces::Mtcnn::new(Default::default()).unwrap())
+}
+
 /// Feed one input to the reader of its kind; errors are fine, panics are not.
 fn exercise(kind: &str, bytes: &[u8], model: &Model) {
     let path = Path::new("<fuzz>");
@@ -147,6 +157,9 @@ fn exercise(kind: &str, bytes: &[u8], model: &Model) {
         "image" => {
             if let Ok(img) = preprocess::decode_rgb(bytes) {
                 let _ = Preprocess::inception(75, 0.875).apply(&img);
+                if img.width() * img.height() <= 64 * 64 {
+                    let _ = detector().detect(&img);
+                }
             }
         }
         "train_config" => {
