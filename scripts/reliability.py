@@ -278,7 +278,8 @@ def write(path, rows, fuzz):
         "## Fuzzing",
         "",
         "`tests/fuzz.rs` is a seeded mutation fuzzer on stable Rust over the safetensors reader and our "
-        "metadata, image decoding + preprocessing (PNG 8/16-bit, gray, RGBA, JPEG, BMP, WebP), and config "
+        "metadata, image decoding + preprocessing (PNG 8/16-bit, gray, RGBA, JPEG RGB/gray/CMYK through "
+        "libjpeg-turbo, BMP, WebP) + face detection on small images, and config "
         "parsing + validation: bit flips, interesting bytes, truncation, inserted and deleted runs, splices "
         "between inputs, huge numbers in headers. `cargo test` runs 20,000 cases; `scripts/fuzz.sh N` runs N.",
         "cargo-fuzz / libFuzzer needs a nightly toolchain, which cannot be installed from the package "
