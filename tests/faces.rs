@@ -367,8 +367,15 @@ fn embed_without_weights_or_with_bad_pairs_is_a_clear_error() {
     let o = run(&["faces", "embed", "--out", "/tmp/never.safetensors", s(&photo("obama"))]);
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).contains("convert_facenet.py"), "{}", text(&o));
+    // weights of another network: named as such
+    let cfg = ModelConfig { width: 0.1, ..ModelConfig::new(ModelKind::InceptionResnetV2, 0) };
     let d = common::unique_temp_dir("faces-pairs");
     std::fs::create_dir_all(&d).unwrap();
+    let v2 = d.join("v2.safetensors");
+    weights::save_model(&Model::new(&cfg, &Device::flex()), &v2, &inception::Preprocess::facenet(), &[]).unwrap();
+    let o = run(&["faces", "embed", "--weights", s(&v2), "--out", "/tmp/never.safetensors", s(&photo("obama"))]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("holds inception_resnet_v2 weights"), "{}", text(&o));
     let p = d.join("pairs.txt");
     std::fs::write(&p, "a.jpg b.jpg 1\nc.jpg d.jpg 1\n").unwrap();
     let o = run(&["faces", "eval-pairs", "--weights", s(face_weights()), "--pairs", s(&p), "--root", s(&d)]);

@@ -118,7 +118,24 @@ impl FaceEmbedder {
                     .into(),
             ));
         };
-        Ok(Self::new(Bundle::load(model.or(Some("inception_resnet_v1")), Some(path), &Device::flex())?))
+        // what the file holds; files that do not say are taken as facenet's IR-v1
+        let header = weights::read_header(path)?;
+        let held = crate::bundle::describe(path, &header)?
+            .config
+            .map(|c| c.model)
+            .or_else(|| crate::bundle::guess_kind(&header));
+        if let Some(k) = held
+            && !matches!(k, crate::ModelKind::InceptionResnetV1 | crate::ModelKind::InceptionResnetV1Paper)
+        {
+            return Err(Error::Invalid(format!(
+                "{} holds {k} weights; face embeddings need Inception-ResNet-v1 (facenet) weights",
+                path.display()
+            )));
+        }
+        let kind = model
+            .map(str::to_string)
+            .unwrap_or_else(|| held.unwrap_or(crate::ModelKind::InceptionResnetV1).name().to_string());
+        Ok(Self::new(Bundle::load(Some(&kind), Some(path), &Device::flex())?))
     }
 
     /// Side of the square crops the network takes.
