@@ -363,7 +363,7 @@ impl FaceFlags {
             margin: self.margin,
             selection: self.select.parse()?,
         };
-        let embedder = inception::faces::FaceEmbedder::load(None, self.weights.as_deref())?;
+        let embedder = inception::faces::FaceEmbedder::load(self.weights.as_deref())?;
         Ok(inception::faces::Pipeline { mtcnn: self.detect.mtcnn()?, embedder, config })
     }
 }

@@ -109,7 +109,7 @@ impl FaceEmbedder {
 
     /// Load face weights as the CLI does: `weights` (a facenet-pytorch conversion or a file we
     /// wrote); without a file there are no face weights to use.
-    pub fn load(model: Option<&str>, weights_path: Option<&Path>) -> Result<Self> {
+    pub fn load(weights_path: Option<&Path>) -> Result<Self> {
         let Some(path) = weights_path else {
             return Err(Error::Invalid(
                 "face embeddings need Inception-ResNet-v1 face weights: convert facenet-pytorch's \
@@ -132,10 +132,8 @@ impl FaceEmbedder {
                 path.display()
             )));
         }
-        let kind = model
-            .map(str::to_string)
-            .unwrap_or_else(|| held.unwrap_or(crate::ModelKind::InceptionResnetV1).name().to_string());
-        Ok(Self::new(Bundle::load(Some(&kind), Some(path), &Device::flex())?))
+        let kind = held.unwrap_or(crate::ModelKind::InceptionResnetV1);
+        Ok(Self::new(Bundle::load(Some(kind.name()), Some(path), &Device::flex())?))
     }
 
     /// Side of the square crops the network takes.
