@@ -193,9 +193,18 @@ pub fn prelu(x: &mut Planar, alpha: &[f32]) {
     });
 }
 
+/// PyTorch's output size of a ceil-mode pool without padding.
+pub fn pool_out(n: usize, k: usize, s: usize) -> usize {
+    if n < k {
+        return 1;
+    }
+    let o = (n - k).div_ceil(s) + 1;
+    if (o - 1) * s >= n { o - 1 } else { o }
+}
+
 /// `k x k` / `s` max pool, ceil mode, on a row-planar map.
-pub fn max_pool_ceil(x: &Planar, k: usize, s: usize, out_hw: (usize, usize)) -> Planar {
-    let (oh, ow) = out_hw;
+pub fn max_pool_ceil(x: &Planar, k: usize, s: usize) -> Planar {
+    let (oh, ow) = (pool_out(x.h, k, s), pool_out(x.w, k, s));
     let (c, w) = (x.c, x.w);
     let mut y = Planar { c, h: oh, w: ow, data: vec![0.0; oh * c * ow] };
     y.data.par_chunks_mut(c * ow).enumerate().for_each(|(oy, row)| {

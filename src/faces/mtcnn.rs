@@ -10,7 +10,7 @@ use std::path::Path;
 use rayon::prelude::*;
 use safetensors::SafeTensors;
 
-use super::direct::{self, DirectConv, Planar};
+use super::direct::{self, DirectConv, Planar, pool_out};
 use crate::engine::{Act, Conv, Dense};
 use crate::error::{Error, Result};
 use crate::weights;
@@ -78,17 +78,43 @@ struct Layer {
     pool: Option<(usize, usize)>,
 }
 
-/// A loaded cascade stage. The heads are merged into one layer whose outputs are the heads'
-/// outputs side by side (`[face logits (2), box regression (4), landmarks (10)]`).
+impl Layer {
+    /// PReLU and the pool on the convolution's output `x`, whichever the layout. A PReLU with
+    /// slopes >= 0 is non-decreasing, so it commutes with max: then the pool runs first and the
+    /// PReLU on the 4x smaller map (the same numbers either way).
+    fn activate<T>(&self, mut x: T, prelu: impl Fn(&mut T, &[f32]), pool: impl Fn(&T, usize, usize) -> T) -> T {
+        match self.pool {
+            Some((k, s)) if self.alpha.iter().all(|a| *a >= 0.0) => {
+                x = pool(&x, k, s);
+                prelu(&mut x, &self.alpha);
+            }
+            Some((k, s)) => {
+                prelu(&mut x, &self.alpha);
+                x = pool(&x, k, s);
+            }
+            None => prelu(&mut x, &self.alpha),
+        }
+        x
+    }
+}
+
+/// What follows the convolutions; every head's outputs side by side (`[face logits (2), box
+/// regression (4), landmarks (10)]`).
+#[derive(Clone, Debug)]
+enum Head {
+    /// P-Net: 1x1 convolutions over the map; `direct`: the trunk and these heads again as
+    /// direct convolutions for row-planar maps (the pyramid's path).
+    Conv { heads: Conv, direct: Vec<DirectConv> },
+    /// R-/O-Net: a dense layer + PReLU on the flattened map, then dense heads.
+    Dense { dense: Dense, alpha: Vec<f32>, heads: Dense },
+}
+
+/// A loaded cascade stage.
 #[derive(Clone, Debug)]
 struct Net {
     convs: Vec<Layer>,
-    dense: Option<(Dense, Vec<f32>)>,
-    head_conv: Option<Conv>,
-    head_dense: Option<Dense>,
+    head: Head,
     outputs: usize,
-    /// The same convolutions for row-planar maps (P-Net over the pyramid): trunk and head.
-    direct: Vec<DirectConv>,
 }
 
 /// Reads one net's tensors, checking each shape against the spec.
@@ -115,19 +141,32 @@ impl Reader<'_> {
 impl Net {
     fn load(r: &mut Reader<'_>, spec: &NetSpec) -> Result<Self> {
         r.net = spec.name;
+        // P-Net (no dense layer) also gets its convolutions as direct ones, for planar maps
         let (mut convs, mut direct) = (Vec::new(), Vec::new());
         let mut prelu_i = 1;
         for ConvSpec(name, [cout, cin, k], pool) in spec.convs {
             let w = r.get(&format!("{name}.weight"), &[*cout, *cin, *k, *k])?;
             let b = r.get(&format!("{name}.bias"), &[*cout])?;
-            let conv = Conv::new(&w, [*cout, *cin, *k, *k], 1, [0, 0], &vec![1.0; *cout], b.clone(), false);
-            direct.push(DirectConv::new(&w, [*cout, *cin, *k], b));
+            if spec.dense.is_none() {
+                direct.push(DirectConv::new(&w, [*cout, *cin, *k], b.clone()));
+            }
+            let conv = Conv::new(&w, [*cout, *cin, *k, *k], 1, [0, 0], &vec![1.0; *cout], b, false);
             let alpha = r.get(&format!("prelu{prelu_i}.weight"), &[*cout])?;
             prelu_i += 1;
             convs.push(Layer { conv, alpha, pool: *pool });
         }
         let last = spec.convs.last().map_or(3, |c| c.1[0]);
-        let (dense, feat) = match spec.dense {
+        let outputs: usize = spec.heads.iter().map(|h| h.1).sum();
+        // the heads' weights stacked: `[outputs, feat]`
+        let heads = |feat: usize, kernel: &[usize]| -> Result<(Vec<f32>, Vec<f32>)> {
+            let (mut w, mut b) = (Vec::new(), Vec::new());
+            for (name, n) in spec.heads {
+                w.extend(r.get(&format!("{name}.weight"), &[&[*n, feat], kernel].concat())?);
+                b.extend(r.get(&format!("{name}.bias"), &[*n])?);
+            }
+            Ok((w, b))
+        };
+        let head = match spec.dense {
             Some((name, [dout, din])) => {
                 let w = r.get(&format!("{name}.weight"), &[dout, din])?;
                 let b = r.get(&format!("{name}.bias"), &[dout])?;
@@ -146,90 +185,56 @@ impl Net {
                     }
                 }
                 let alpha = r.get(&format!("prelu{prelu_i}.weight"), &[dout])?;
-                (Some((Dense::new(&wt, din, dout, b), alpha)), dout)
-            }
-            None => (None, last),
-        };
-        let outputs: usize = spec.heads.iter().map(|h| h.1).sum();
-        let (mut w, mut b) = (Vec::new(), Vec::new());
-        for (name, n) in spec.heads {
-            let shape: Vec<usize> = if spec.dense.is_some() { vec![*n, feat] } else { vec![*n, feat, 1, 1] };
-            w.extend(r.get(&format!("{name}.weight"), &shape)?);
-            b.extend(r.get(&format!("{name}.bias"), &[*n])?);
-        }
-        let (head_conv, head_dense) = if spec.dense.is_some() {
-            // [outputs, feat] -> [feat, outputs]
-            let mut wt = vec![0.0; feat * outputs];
-            for o in 0..outputs {
-                for i in 0..feat {
-                    wt[i * outputs + o] = w[o * feat + i];
+                let (hw, hb) = heads(dout, &[])?;
+                // [outputs, dout] -> [dout, outputs]
+                let mut ht = vec![0.0; dout * outputs];
+                for o in 0..outputs {
+                    for i in 0..dout {
+                        ht[i * outputs + o] = hw[o * dout + i];
+                    }
                 }
+                Head::Dense { dense: Dense::new(&wt, din, dout, b), alpha, heads: Dense::new(&ht, dout, outputs, hb) }
             }
-            (None, Some(Dense::new(&wt, feat, outputs, b)))
-        } else {
-            direct.push(DirectConv::new(&w, [outputs, feat, 1], b.clone()));
-            (Some(Conv::new(&w, [outputs, feat, 1, 1], 1, [0, 0], &vec![1.0; outputs], b, false)), None)
+            None => {
+                let (hw, hb) = heads(last, &[1, 1])?;
+                direct.push(DirectConv::new(&hw, [outputs, last, 1], hb.clone()));
+                let heads = Conv::new(&hw, [outputs, last, 1, 1], 1, [0, 0], &vec![1.0; outputs], hb, false);
+                Head::Conv { heads, direct }
+            }
         };
-        if spec.dense.is_some() {
-            direct.clear(); // R-/O-Net run batched crops on the GEMM engine
-        }
-        Ok(Self { convs, dense, head_conv, head_dense, outputs, direct })
+        Ok(Self { convs, head, outputs })
     }
 
     /// NHWC input (already normalised) to the heads' outputs: per position (P-Net) or per
     /// image (R-/O-Net), `outputs` values each, with the map's `(h, w)`.
     fn run(&self, x: Act) -> (Vec<f32>, usize, usize) {
         let mut x = x;
-        for Layer { conv, alpha, pool } in &self.convs {
-            x = conv.run(&x);
-            match pool {
-                // PReLU with slopes >= 0 is non-decreasing, so it commutes with max: pool
-                // first and activate the 4x smaller map (the same numbers either way)
-                Some((k, s)) if alpha.iter().all(|a| *a >= 0.0) => {
-                    x = max_pool_ceil(&x, *k, *s);
-                    prelu(&mut x.data, alpha);
-                }
-                Some((k, s)) => {
-                    prelu(&mut x.data, alpha);
-                    x = max_pool_ceil(&x, *k, *s);
-                }
-                None => prelu(&mut x.data, alpha),
-            }
+        for l in &self.convs {
+            x = l.activate(l.conv.run(&x), |x, a| prelu(&mut x.data, a), max_pool_ceil);
         }
-        match (&self.head_conv, &self.head_dense, &self.dense) {
-            (Some(h), _, _) => {
-                let y = h.run(&x);
+        match &self.head {
+            Head::Conv { heads, .. } => {
+                let y = heads.run(&x);
                 (y.data, y.h, y.w)
             }
-            (None, Some(h), Some((d, alpha))) => {
-                let mut f = d.run(&x.data, x.n);
+            Head::Dense { dense, alpha, heads } => {
+                let mut f = dense.run(&x.data, x.n);
                 prelu(&mut f, alpha);
-                (h.run(&f, x.n), 1, 1)
+                (heads.run(&f, x.n), 1, 1)
             }
-            _ => unreachable!("a net has a conv head or a dense layer with a dense head"),
         }
     }
-}
 
-impl Net {
     /// A fully convolutional net (P-Net) on a row-planar map: per position the heads'
     /// outputs (`outputs` values each) and the map size. Same numbers as `run` up to the order
     /// of the sums.
     fn run_planar(&self, mut x: Planar) -> (Vec<f32>, usize, usize) {
-        let (trunk, head) = self.direct.split_at(self.direct.len() - 1);
-        for (conv, Layer { alpha, pool, .. }) in trunk.iter().zip(&self.convs) {
-            x = conv.run(&x);
-            match pool {
-                Some((k, s)) if alpha.iter().all(|a| *a >= 0.0) => {
-                    x = direct::max_pool_ceil(&x, *k, *s, (pool_out(x.h, *k, *s), pool_out(x.w, *k, *s)));
-                    direct::prelu(&mut x, alpha);
-                }
-                Some((k, s)) => {
-                    direct::prelu(&mut x, alpha);
-                    x = direct::max_pool_ceil(&x, *k, *s, (pool_out(x.h, *k, *s), pool_out(x.w, *k, *s)));
-                }
-                None => direct::prelu(&mut x, alpha),
-            }
+        let Head::Conv { direct, .. } = &self.head else {
+            unreachable!("only P-Net runs on planar maps");
+        };
+        let (trunk, head) = direct.split_at(direct.len() - 1);
+        for (conv, l) in trunk.iter().zip(&self.convs) {
+            x = l.activate(conv.run(&x), direct::prelu, direct::max_pool_ceil);
         }
         let y = head[0].run(&x);
         let (c, h, w) = (y.c, y.h, y.w);
@@ -255,15 +260,6 @@ fn prelu(x: &mut [f32], alpha: &[f32]) {
             }
         }
     });
-}
-
-/// PyTorch's output size of a ceil-mode pool without padding.
-fn pool_out(n: usize, k: usize, s: usize) -> usize {
-    if n < k {
-        return 1;
-    }
-    let o = (n - k).div_ceil(s) + 1;
-    if (o - 1) * s >= n { o - 1 } else { o }
 }
 
 /// `k x k` / `s` max pool, ceil mode (windows clipped at the border).
