@@ -487,23 +487,18 @@ fn decode_jpeg_libjpeg(bytes: &[u8]) -> Option<std::result::Result<RgbImage, Str
         err.emit_message = Some(message);
         let d = mozjpeg::Decompress::with_err(err).from_mem(bytes).map_err(|e| e.to_string())?;
         use mozjpeg::ColorSpace as Cs;
-        match d.color_space() {
-            Cs::JCS_YCbCr | Cs::JCS_GRAYSCALE | Cs::JCS_RGB => {
-                let mut started = d.rgb().map_err(|e| e.to_string())?;
-                let (w, h) = (started.width() as u32, started.height() as u32);
-                let px: Vec<[u8; 3]> = started.read_scanlines().map_err(|e| e.to_string())?;
-                started.finish().map_err(|e| e.to_string())?;
-                Ok(RgbImage::from_raw(w, h, px.into_iter().flatten().collect()))
-            }
-            Cs::JCS_CMYK | Cs::JCS_YCCK => {
-                let mut started = d.to_colorspace(Cs::JCS_CMYK).map_err(|e| e.to_string())?;
-                let (w, h) = (started.width() as u32, started.height() as u32);
-                let px: Vec<[u8; 4]> = started.read_scanlines().map_err(|e| e.to_string())?;
-                started.finish().map_err(|e| e.to_string())?;
-                Ok(RgbImage::from_raw(w, h, px.into_iter().flat_map(cmyk_to_rgb).collect()))
-            }
-            _ => Ok(None),
-        }
+        let (started, cmyk) = match d.color_space() {
+            Cs::JCS_YCbCr | Cs::JCS_GRAYSCALE | Cs::JCS_RGB => (d.rgb(), false),
+            Cs::JCS_CMYK | Cs::JCS_YCCK => (d.to_colorspace(Cs::JCS_CMYK), true),
+            _ => return Ok(None),
+        };
+        let mut started = started.map_err(|e| e.to_string())?;
+        let (w, h) = (started.width() as u32, started.height() as u32);
+        let px = started.read_scanlines::<u8>().map_err(|e| e.to_string())?;
+        started.finish().map_err(|e| e.to_string())?;
+        let rgb =
+            if cmyk { px.chunks_exact(4).flat_map(|p| cmyk_to_rgb([p[0], p[1], p[2], p[3]])).collect() } else { px };
+        Ok(RgbImage::from_raw(w, h, rgb))
     };
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or_else(|payload| {
         Err(payload.downcast_ref::<String>().cloned().unwrap_or_else(|| "corrupt JPEG data".into()))
