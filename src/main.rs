@@ -631,14 +631,8 @@ fn faces(cmd: FacesCmd) -> Result<bool> {
         FacesCmd::Detect { detect, select, json, draw, runs, images } => {
             let m = detect.mtcnn()?;
             let paths = inception::preprocess::collect_images(&images)?;
-            let mut found = faces::detect_files(&m, &paths, runs, draw.as_deref())?;
-            if let Some(method) = select {
-                let method: faces::Selection = method.parse()?;
-                for d in &mut found {
-                    let dims = image::image_dimensions(&d.image).unwrap_or((0, 0));
-                    d.faces = faces::select(&d.faces, method, dims).map(|i| d.faces[i].clone()).into_iter().collect();
-                }
-            }
+            let select = select.map(|s| s.parse::<faces::Selection>()).transpose()?;
+            let found = faces::detect_files(&m, &paths, runs, draw.as_deref(), select)?;
             let ok = found.iter().all(|d| d.error.is_none());
             if json {
                 print_json(&found)?;

@@ -185,9 +185,15 @@ pub struct Detection {
 }
 
 /// Detect faces in each image (a bad image is an error entry, the others go on); `runs` > 1
-/// repeats the detection and reports its median time; `draw` writes each image with its boxes
-/// and landmarks to that folder.
-pub fn detect_files(m: &Mtcnn, paths: &[PathBuf], runs: usize, draw: Option<&Path>) -> Result<Vec<Detection>> {
+/// repeats the detection and reports its median time; `draw` writes each image with all its
+/// boxes and landmarks to that folder; `select` then keeps one face per image.
+pub fn detect_files(
+    m: &Mtcnn,
+    paths: &[PathBuf],
+    runs: usize,
+    draw: Option<&Path>,
+    select: Option<Selection>,
+) -> Result<Vec<Detection>> {
     if let Some(dir) = draw {
         std::fs::create_dir_all(dir).map_err(|err| Error::Io { path: dir.to_path_buf(), err })?;
     }
@@ -219,6 +225,9 @@ pub fn detect_files(m: &Mtcnn, paths: &[PathBuf], runs: usize, draw: Option<&Pat
                 i += 1;
             }
             save_png(&dir.join(name), &draw_faces(&img, &faces))?;
+        }
+        if let Some(method) = select {
+            faces = self::select(&faces, method, img.dimensions()).map(|i| faces[i].clone()).into_iter().collect();
         }
         let ms = (runs > 1).then(|| times[times.len() / 2]);
         out.push(Detection { image, faces, error: None, ms });
