@@ -1,12 +1,15 @@
 """Baselines for `inception bench`: the same workloads in timm / PyTorch eager (NCHW and
-channels_last, `inference_mode`) and ONNX Runtime (model exported from timm), same threads and
-shapes. Prints one JSON object per line. Dev tool only.
+channels_last, `inference_mode`), ONNX Runtime and OpenVINO (both from the same ONNX export of
+the timm model), same threads and shapes. Prints one JSON object per line. Dev tool only.
 
     python3 scripts/bench/baseline.py --model inception_resnet_v2 --batch 1 --threads 2
 
 Fairness: torch and ORT both get `--threads` intra-op threads (inter-op 1); flush-to-zero /
 denormals-are-zero is switched on in torch (`torch.set_flush_denormal(True)`) and recorded;
 BatchNorm statistics are made non-trivial (as in the Rust bench the activations stay O(1)).
+OpenVINO runs f32 (`INFERENCE_PRECISION_HINT=f32`: on CPUs with AVX512-BF16 it would otherwise
+pick bf16) with the LATENCY hint at batch 1 and THROUGHPUT at larger batches (its streams then
+share the threads; a run is as many requests as it asks for, the time per batch reported).
 """
 import argparse
 import json
@@ -71,7 +74,7 @@ def main():
     ap.add_argument("--size", type=int, default=299)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--mode", choices=["infer", "train"], default="infer")
-    ap.add_argument("--systems", nargs="*", default=["torch", "torch_cl", "ort"])
+    ap.add_argument("--systems", nargs="*", default=["torch", "torch_cl", "ort", "openvino"])
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--runs", type=int, default=10)
     args = ap.parse_args()
@@ -102,13 +105,13 @@ def main():
         with torch.inference_mode():
             report("torch_channels_last", args, timed(lambda: mc(xc), args.warmup, args.runs))
         m = m.to(memory_format=torch.contiguous_format)
+    path = os.path.join(tempfile.gettempdir(), f"{args.model}_{args.size}.onnx")
+    if ("ort" in args.systems or "openvino" in args.systems) and not os.path.exists(path):
+        with torch.no_grad():
+            torch.onnx.export(m, (x,), path, input_names=["x"], output_names=["y"],
+                              dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, dynamo=False)
     if "ort" in args.systems:
         import onnxruntime as ort
-        path = os.path.join(tempfile.gettempdir(), f"{args.model}_{args.size}.onnx")
-        if not os.path.exists(path):
-            with torch.no_grad():
-                torch.onnx.export(m, (x,), path, input_names=["x"], output_names=["y"],
-                                  dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, dynamo=False)
         so = ort.SessionOptions()
         so.intra_op_num_threads = args.threads
         so.inter_op_num_threads = 1
@@ -117,6 +120,30 @@ def main():
         xn = x.numpy()
         report("onnxruntime", args, timed(lambda: sess.run(None, {"x": xn}), args.warmup, args.runs),
                {"onnxruntime": ort.__version__})
+    if "openvino" in args.systems:
+        openvino(args, path, x.numpy())
+
+
+def openvino(args, path, xn):
+    import openvino as ov
+    core = ov.Core()
+    model = core.read_model(path)
+    model.reshape([args.batch, 3, args.size, args.size])
+    hint = "LATENCY" if args.batch == 1 else "THROUGHPUT"
+    compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": args.threads,
+                                                 "INFERENCE_PRECISION_HINT": "f32"})
+    nreq = compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS") if hint == "THROUGHPUT" else 1
+    queue = ov.AsyncInferQueue(compiled, nreq)
+
+    def run():
+        for _ in range(nreq):
+            queue.start_async({0: xn})
+        queue.wait_all()
+
+    ts = [t / nreq for t in timed(run, args.warmup, args.runs)]
+    report("openvino", args, ts, {"openvino": ov.__version__, "hint": hint, "requests": nreq,
+                                  "streams": compiled.get_property("NUM_STREAMS"),
+                                  "precision": str(compiled.get_property("INFERENCE_PRECISION_HINT"))})
 
 
 if __name__ == "__main__":

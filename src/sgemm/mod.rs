@@ -8,15 +8,26 @@
 //! ("indirect" convolution: for a k x k convolution a run is one tap's input channels of six
 //! output pixels, or zeros for padding), so im2col never exists. Only inputs with fewer than 16
 //! channels (the RGB stem) are gathered into a row-major scratch tile first. Bias, the residual
-//! scale-add and ReLU are applied as the 12 AVX2 accumulators are stored. Without AVX2+FMA a
-//! portable kernel computes the same thing.
+//! scale-add and ReLU are applied as the accumulators are stored.
+//!
+//! Micro-kernels, one file per instruction set, chosen at run time ([`Isa::detect`]):
+//! `avx512` (6 x 64: four panels per call), `avx2` (6 x 16, FMA) and a portable one; all
+//! compute the same tile and are tested against each other where the CPU has them.
 
 use rayon::prelude::*;
 use std::cell::RefCell;
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
 const MR: usize = 6;
 const NR: usize = 16;
+/// Rows per k-block: a panel's slice is `KC x 16` floats (16 KiB), kept in L1 while a
+/// task's strips run over it; the AVX-512 kernel reads four panels at once, so it takes half.
 const KC: usize = 256;
+const KC_AVX512: usize = 128;
 const MC: usize = 72;
 /// Up to this many column panels per task, loop strips outside panels.
 const FEW_PANELS: usize = 4;
@@ -55,10 +66,62 @@ pub struct PackedB {
     data: Aligned,
 }
 
+/// The instruction set a GEMM's micro-kernel uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    Portable,
+    /// AVX2 + FMA.
+    Avx2,
+    /// AVX-512F.
+    Avx512,
+}
+
+impl Isa {
+    /// The best kernel this CPU runs; `INCEPTION_ISA=portable|avx2|avx512` picks a lower one
+    /// (for A/B measurements; a set that the CPU lacks is ignored).
+    pub fn detect() -> Isa {
+        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *ISA.get_or_init(|| {
+            let best = *Isa::available().last().unwrap_or(&Isa::Portable);
+            let asked = std::env::var("INCEPTION_ISA").ok().and_then(|v| match v.as_str() {
+                "portable" => Some(Isa::Portable),
+                "avx2" => Some(Isa::Avx2),
+                "avx512" => Some(Isa::Avx512),
+                _ => None,
+            });
+            asked.filter(|a| *a <= best).unwrap_or(best)
+        })
+    }
+
+    /// Every kernel this CPU can run, portable first.
+    pub fn available() -> Vec<Isa> {
+        let mut v = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                v.push(Isa::Avx2);
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                v.push(Isa::Avx512);
+            }
+        }
+        v
+    }
+
+    /// 16-column panels one kernel call covers.
+    fn panels(self) -> usize {
+        if self == Isa::Avx512 { 4 } else { 1 }
+    }
+
+    fn kc(self) -> usize {
+        if self == Isa::Avx512 { KC_AVX512 } else { KC }
+    }
+}
+
 impl PackedB {
     pub fn new(w: &[f32], k: usize, n: usize) -> Self {
         assert_eq!(w.len(), k * n, "weight matrix is not k x n");
-        let kc = k.div_ceil(k.div_ceil(KC).max(1)).max(1);
+        let kc = k.div_ceil(k.div_ceil(Isa::detect().kc()).max(1)).max(1);
         let mut data = Aligned::zeros(n.div_ceil(NR) * NR * k);
         let packed = data.as_mut_slice();
         layout(k, n, kc, |r, c0, cols, off| packed[off..off + cols].copy_from_slice(&w[r * n + c0..r * n + c0 + cols]));
@@ -285,12 +348,12 @@ thread_local! {
 
 /// `C[r, c0 + j]` (row stride `ldc`) for `r < m`, `j < b.n()`.
 pub fn gemm(m: usize, a: Rows<'_>, b: &PackedB, c: &mut [f32], ldc: usize, c0: usize, epi: Epilogue<'_>) {
-    gemm_on(has_avx2_fma(), m, a, b, c, ldc, c0, epi)
+    gemm_on(Isa::detect(), m, a, b, c, ldc, c0, epi)
 }
 
-/// [`gemm`] with the kernel chosen by the caller (`avx` only where the CPU has AVX2 + FMA).
+/// [`gemm`] with the kernel chosen by the caller (one of [`Isa::available`]).
 #[allow(clippy::too_many_arguments)]
-fn gemm_on(avx: bool, m: usize, a: Rows<'_>, b: &PackedB, c: &mut [f32], ldc: usize, c0: usize, epi: Epilogue<'_>) {
+fn gemm_on(isa: Isa, m: usize, a: Rows<'_>, b: &PackedB, c: &mut [f32], ldc: usize, c0: usize, epi: Epilogue<'_>) {
     let (k, n) = (b.k, b.n);
     if m == 0 || n == 0 {
         return;
@@ -360,9 +423,10 @@ fn gemm_on(avx: bool, m: usize, a: Rows<'_>, b: &PackedB, c: &mut [f32], ldc: us
                     load: epi.load || kb > 0,
                     relu: epi.relu && kb == nkb - 1,
                 };
-                let run = |p: usize, st: usize| {
-                    let bp = &b.data.as_slice()[b.slice(k0, kcb, p)..][..kcb * NR];
-                    let (j0, cols) = (p * NR, NR.min(n - p * NR));
+                // panels [p, p + np) for strip st
+                let run = |(p, np): (usize, usize), st: usize| {
+                    let bp = &b.data.as_slice()[b.slice(k0, kcb, p)..][..np * kcb * NR];
+                    let (j0, cols) = (p * NR, (np * NR).min(n - p * NR));
                     let epi = Epilogue { bias: step.bias.map(|v| &v[j0..j0 + cols]), ..step };
                     let rows = MR.min(r1 - r0 - st * MR);
                     let segs = &scratch.segs[scratch.starts[st]..scratch.starts[st + 1]];
@@ -371,15 +435,17 @@ fn gemm_on(avx: bool, m: usize, a: Rows<'_>, b: &PackedB, c: &mut [f32], ldc: us
                     // of this tile are inside C (asserted above) and no other task writes them.
                     unsafe {
                         let cp = out.at((r0 + st * MR) * ldc + c0 + j0);
-                        tile(avx, segs, bp, cp, ldc, rows, cols, epi);
+                        tile(isa, segs, bp, kcb * NR, cp, ldc, rows, cols, epi);
                     }
                 };
+                let group = isa.panels();
+                let groups = || (p0..p1).step_by(group).map(|p| (p, group.min(p1 - p)));
                 if p1 - p0 <= FEW_PANELS {
                     // narrow output: keep each strip's rows in L1 across the few panels
-                    (0..strips).for_each(|st| (p0..p1).for_each(|p| run(p, st)));
+                    (0..strips).for_each(|st| groups().for_each(|g| run(g, st)));
                 } else {
                     // keep each panel's weight slice in L1 across the strips
-                    (p0..p1).for_each(|p| (0..strips).for_each(|st| run(p, st)));
+                    groups().for_each(|g| (0..strips).for_each(|st| run(g, st)));
                 }
             }
         });
@@ -402,40 +468,53 @@ fn profiling() -> bool {
 }
 
 pub(crate) fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    Isa::available().contains(&Isa::Avx2)
 }
 
-/// One `rows x cols` (<= 6 x 16) tile of C.
+/// One `rows x cols` (<= 6 x 16 · panels) tile of C; B's panels `bstride` floats apart.
 ///
 /// # Safety
-/// Every segment's pointers are valid for `run` floats and the runs add up to `b.len() / 16`;
-/// `c` points at a `rows x cols` region with row stride `ldc` that nobody else touches; the
-/// epilogue's bias (if any) holds this tile's `cols` values.
+/// Every segment's pointers are valid for `run` floats and the runs add up to
+/// `bstride / 16`; `b` holds the tile's panels; `c` points at a `rows x cols` region with row
+/// stride `ldc` that nobody else touches; the epilogue's bias (if any) holds this tile's
+/// `cols` values; `isa` is one of [`Isa::available`].
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile(
-    avx: bool,
+    isa: Isa,
     segs: &[Seg],
     b: &[f32],
+    bstride: usize,
     c: *mut f32,
     ldc: usize,
     rows: usize,
     cols: usize,
     epi: Epilogue<'_>,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        let mut bias64 = [0.0f32; 4 * NR];
+        if let Some(v) = epi.bias {
+            bias64[..cols].copy_from_slice(v);
+        }
+        let (bp, e) = (b.as_ptr(), epi);
+        // SAFETY: AVX-512F present (isa is available); see above for the rest.
+        unsafe {
+            match cols.div_ceil(NR) {
+                1 => avx512::kernel::<1>(segs, bp, bstride, c, ldc, rows, cols, &bias64, e.alpha, e.load, e.relu),
+                2 => avx512::kernel::<2>(segs, bp, bstride, c, ldc, rows, cols, &bias64, e.alpha, e.load, e.relu),
+                3 => avx512::kernel::<3>(segs, bp, bstride, c, ldc, rows, cols, &bias64, e.alpha, e.load, e.relu),
+                _ => avx512::kernel::<4>(segs, bp, bstride, c, ldc, rows, cols, &bias64, e.alpha, e.load, e.relu),
+            }
+        }
+        return;
+    }
     let mut bias16 = [0.0f32; NR];
     if let Some(v) = epi.bias {
         bias16[..cols].copy_from_slice(v);
     }
     let mut acc = [0.0f32; MR * NR];
     #[cfg(target_arch = "x86_64")]
-    if avx {
+    if isa == Isa::Avx2 {
         // SAFETY: the CPU has AVX2 and FMA (checked by the caller); see above for the rest.
         unsafe {
             if rows == MR && cols == NR {
@@ -445,7 +524,7 @@ unsafe fn tile(
             avx2::kernel(segs, b.as_ptr(), acc.as_mut_ptr(), NR, &bias16, 1.0, false, false);
         }
     }
-    if !avx {
+    if isa == Isa::Portable {
         // SAFETY: as above.
         unsafe { portable_kernel(segs, b, &bias16, &mut acc) };
     }
@@ -490,18 +569,24 @@ unsafe fn portable_kernel(segs: &[Seg], b: &[f32], bias: &[f32; NR], acc: &mut [
     }
 }
 
-/// Measured f32 multiply-add peak of one core, GFLOP/s (12 independent FMA chains for ~0.2 s;
-/// AVX2 when present, else whatever the portable loop compiles to).
+/// Measured f32 multiply-add peak of one core, GFLOP/s (12 independent FMA chains for ~0.2 s,
+/// with the widest vectors the GEMM uses, [`Isa::detect`]).
 pub fn fma_peak_gflops() -> f64 {
     let iters = 20_000_000usize;
     let t = std::time::Instant::now();
     #[cfg(target_arch = "x86_64")]
-    let flops = if has_avx2_fma() {
-        // SAFETY: AVX2 + FMA checked.
-        std::hint::black_box(unsafe { avx2::fma_loop(iters) });
-        iters * 12 * 16
-    } else {
-        portable_fma_loop(iters)
+    let flops = match Isa::detect() {
+        Isa::Avx512 => {
+            // SAFETY: AVX-512F present.
+            std::hint::black_box(unsafe { avx512::fma_loop(iters / 2) });
+            iters / 2 * 12 * 32
+        }
+        Isa::Avx2 => {
+            // SAFETY: AVX2 + FMA present.
+            std::hint::black_box(unsafe { avx2::fma_loop(iters) });
+            iters * 12 * 16
+        }
+        Isa::Portable => portable_fma_loop(iters),
     };
     #[cfg(not(target_arch = "x86_64"))]
     let flops = portable_fma_loop(iters);
@@ -519,107 +604,6 @@ fn portable_fma_loop(iters: usize) -> usize {
     }
     std::hint::black_box(acc);
     iters * 12 * 16
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::Seg;
-    use std::arch::x86_64::*;
-
-    /// 12 independent FMA chains, `iters` rounds (the peak probe).
-    ///
-    /// # Safety
-    /// AVX2 + FMA available.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn fma_loop(iters: usize) -> f32 {
-        let (x, y) = (_mm256_set1_ps(1.000_000_1), _mm256_set1_ps(0.999_999));
-        let mut acc = [_mm256_setzero_ps(); 12];
-        for _ in 0..iters {
-            for a in acc.iter_mut() {
-                *a = _mm256_fmadd_ps(*a, x, y);
-            }
-        }
-        let mut out = [0.0f32; 8];
-        let sum = acc.iter().fold(_mm256_setzero_ps(), |s, a| _mm256_add_ps(s, *a));
-        // SAFETY: out holds 8 floats.
-        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), sum) };
-        out.iter().sum()
-    }
-
-    /// `C = act(load·C + alpha·(bias + A·B))` for a full 6 x 16 tile.
-    ///
-    /// # Safety
-    /// AVX2 + FMA available; each segment's pointers valid for its run, `b` holds 16 floats per
-    /// column of all runs; `c` a 6 x 16 region with row stride `ldc`.
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn kernel(
-        segs: &[Seg],
-        mut b: *const f32,
-        c: *mut f32,
-        ldc: usize,
-        bias: &[f32; 16],
-        alpha: f32,
-        load: bool,
-        relu: bool,
-    ) {
-        unsafe {
-            for i in 0..6 {
-                _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc) as *const i8);
-                _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc + 15) as *const i8);
-            }
-            let b0 = _mm256_loadu_ps(bias.as_ptr());
-            let b1 = _mm256_loadu_ps(bias.as_ptr().add(8));
-            let (mut c00, mut c01, mut c10, mut c11, mut c20, mut c21) = (b0, b1, b0, b1, b0, b1);
-            let (mut c30, mut c31, mut c40, mut c41, mut c50, mut c51) = (b0, b1, b0, b1, b0, b1);
-            for seg in segs {
-                if seg.p[0].is_null() {
-                    b = b.add(16 * seg.run);
-                    continue;
-                }
-                let [a0, a1, a2, a3, a4, a5] = seg.p;
-                for j in 0..seg.run {
-                    let w0 = _mm256_load_ps(b);
-                    let w1 = _mm256_load_ps(b.add(8));
-                    let x = _mm256_broadcast_ss(&*a0.add(j));
-                    c00 = _mm256_fmadd_ps(x, w0, c00);
-                    c01 = _mm256_fmadd_ps(x, w1, c01);
-                    let x = _mm256_broadcast_ss(&*a1.add(j));
-                    c10 = _mm256_fmadd_ps(x, w0, c10);
-                    c11 = _mm256_fmadd_ps(x, w1, c11);
-                    let x = _mm256_broadcast_ss(&*a2.add(j));
-                    c20 = _mm256_fmadd_ps(x, w0, c20);
-                    c21 = _mm256_fmadd_ps(x, w1, c21);
-                    let x = _mm256_broadcast_ss(&*a3.add(j));
-                    c30 = _mm256_fmadd_ps(x, w0, c30);
-                    c31 = _mm256_fmadd_ps(x, w1, c31);
-                    let x = _mm256_broadcast_ss(&*a4.add(j));
-                    c40 = _mm256_fmadd_ps(x, w0, c40);
-                    c41 = _mm256_fmadd_ps(x, w1, c41);
-                    let x = _mm256_broadcast_ss(&*a5.add(j));
-                    c50 = _mm256_fmadd_ps(x, w0, c50);
-                    c51 = _mm256_fmadd_ps(x, w1, c51);
-                    b = b.add(16);
-                }
-            }
-            let al = _mm256_set1_ps(alpha);
-            let zero = _mm256_setzero_ps();
-            let rows = [[c00, c01], [c10, c11], [c20, c21], [c30, c31], [c40, c41], [c50, c51]];
-            for (i, row) in rows.iter().enumerate() {
-                for (j, v) in row.iter().enumerate() {
-                    let p = c.add(i * ldc + j * 8);
-                    let mut y = _mm256_mul_ps(*v, al);
-                    if load {
-                        y = _mm256_add_ps(y, _mm256_loadu_ps(p));
-                    }
-                    if relu {
-                        y = _mm256_max_ps(y, zero);
-                    }
-                    _mm256_storeu_ps(p, y);
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -644,8 +628,10 @@ mod tests {
 
     #[test]
     fn dense_matches_naive_with_epilogues() {
-        for (avx, &(m, k, n)) in [false, has_avx2_fma()].into_iter().flat_map(|v| {
-            [(1, 1, 1), (7, 300, 17), (150, 600, 40), (64, 2080, 33), (13, 5, 130)].iter().map(move |s| (v, s))
+        for (isa, &(m, k, n)) in Isa::available().into_iter().flat_map(|v| {
+            [(1, 1, 1), (7, 300, 17), (150, 600, 40), (64, 2080, 33), (13, 5, 130), (20, 70, 100)]
+                .iter()
+                .map(move |s| (v, s))
         }) {
             let (a, w, bias) = (data(m * k, 1), data(k * n, 2), data(n, 3));
             let want = naive(m, k, n, &a, &w);
@@ -655,17 +641,17 @@ mod tests {
             let ldc = n + 5;
             let mut c = vec![7.0f32; m * ldc];
             let epi = Epilogue { bias: Some(&bias), alpha: 1.0, load: false, relu: true };
-            gemm_on(avx, m, Rows::Dense { data: &a, ld: k }, &pb, &mut c, ldc, 3, epi);
+            gemm_on(isa, m, Rows::Dense { data: &a, ld: k }, &pb, &mut c, ldc, 3, epi);
             // residual: C = C + 0.2 (AB + bias)
             let mut r = vec![1.5f32; m * n];
             let epi = Epilogue { bias: Some(&bias), alpha: 0.2, load: true, relu: false };
-            gemm_on(avx, m, Rows::Dense { data: &a, ld: k }, &pb, &mut r, n, 0, epi);
+            gemm_on(isa, m, Rows::Dense { data: &a, ld: k }, &pb, &mut r, n, 0, epi);
             for i in 0..m {
                 assert_eq!(c[i * ldc..i * ldc + 3], [7.0; 3]);
                 assert_eq!(c[i * ldc + 3 + n..(i + 1) * ldc], [7.0; 2]);
                 for j in 0..n {
                     let y = want[i * n + j] + bias[j];
-                    assert!((c[i * ldc + 3 + j] - y.max(0.0)).abs() < 1e-4, "{m}x{k}x{n} ({i},{j})");
+                    assert!((c[i * ldc + 3 + j] - y.max(0.0)).abs() < 1e-4, "{isa:?} {m}x{k}x{n} ({i},{j})");
                     assert!((r[i * n + j] - (1.5 + 0.2 * y)).abs() < 1e-4);
                 }
             }
@@ -705,11 +691,11 @@ mod tests {
             let wts = data(k * 21, 5);
             let pb = PackedB::new(&wts, k, 21);
             let want = naive(m, k, 21, &col, &wts);
-            for avx in [false, has_avx2_fma()] {
+            for isa in Isa::available() {
                 let mut c = vec![0.0f32; m * 21];
                 let rows = Rows::Conv { data: &x, ld, c0, cin, hw: [h, w], k: [kh, kw], stride: s, pad, out: [oh, ow] };
                 gemm_on(
-                    avx,
+                    isa,
                     m,
                     rows,
                     &pb,
