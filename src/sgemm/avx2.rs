@@ -1,4 +1,10 @@
-use super::Seg;
+//! AVX2 micro-kernels, one 6 x 16 tile per call (12 ymm accumulators): f32 with FMA, and
+//! u8 x i8 with `vpmaddubsw` + `vpmaddwd` (its 16-bit pair sums cannot saturate because
+//! `PackedQ` holds 7-bit weights for this kernel). Full tiles are stored from the registers;
+//! partial ones through a scratch tile.
+
+use super::portable::dequantize;
+use super::{Kernel, MR, NR, Seg, TileEpi, store_tile};
 use std::arch::x86_64::*;
 
 /// 12 independent FMA chains, `iters` rounds (the peak probe).
@@ -21,23 +27,69 @@ pub(super) unsafe fn fma_loop(iters: usize) -> f32 {
     out.iter().sum()
 }
 
+/// `y = act(load·C + alpha·v)` stored to 8 floats at `p`.
+///
+/// # Safety
+/// AVX2 available; `p` valid for 8 floats.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn store8(p: *mut f32, v: __m256, e: &TileEpi<'_>) {
+    unsafe {
+        let mut y = _mm256_mul_ps(v, _mm256_set1_ps(e.alpha));
+        if e.load {
+            y = _mm256_add_ps(y, _mm256_loadu_ps(p));
+        }
+        if e.relu {
+            y = _mm256_max_ps(y, _mm256_setzero_ps());
+        }
+        _mm256_storeu_ps(p, y);
+    }
+}
+
+/// f32, FMA.
+#[derive(Clone, Copy)]
+pub(super) struct F32;
+
+impl Kernel for F32 {
+    type A = f32;
+    const PANELS: usize = 1;
+
+    unsafe fn tile(
+        self,
+        segs: &[Seg],
+        b: *const u8,
+        _bstride: usize,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        e: &TileEpi<'_>,
+    ) {
+        let mut bias = [0.0f32; NR];
+        if let Some(v) = e.bias {
+            bias[..cols].copy_from_slice(v);
+        }
+        // SAFETY: as the trait requires.
+        unsafe {
+            if rows == MR && cols == NR {
+                f32_kernel(segs, b.cast(), c, ldc, &bias, e);
+            } else {
+                let mut acc = [0.0f32; MR * NR];
+                let raw = TileEpi { bias: None, scale: None, alpha: 1.0, load: false, relu: false };
+                f32_kernel(segs, b.cast(), acc.as_mut_ptr(), NR, &bias, &raw);
+                store_tile(&acc, NR, c, ldc, rows, cols, e);
+            }
+        }
+    }
+}
+
 /// `C = act(load·C + alpha·(bias + A·B))` for a full 6 x 16 tile.
 ///
 /// # Safety
 /// AVX2 + FMA available; each segment's pointers valid for its run, `b` holds 16 floats per
 /// column of all runs; `c` a 6 x 16 region with row stride `ldc`.
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn kernel(
-    segs: &[Seg],
-    mut b: *const f32,
-    c: *mut f32,
-    ldc: usize,
-    bias: &[f32; 16],
-    alpha: f32,
-    load: bool,
-    relu: bool,
-) {
+unsafe fn f32_kernel(segs: &[Seg], mut b: *const f32, c: *mut f32, ldc: usize, bias: &[f32; 16], e: &TileEpi<'_>) {
     unsafe {
         for i in 0..6 {
             _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc) as *const i8);
@@ -52,7 +104,7 @@ pub(super) unsafe fn kernel(
                 b = b.add(16 * seg.run);
                 continue;
             }
-            let [a0, a1, a2, a3, a4, a5] = seg.p;
+            let [a0, a1, a2, a3, a4, a5] = seg.p.map(|p| p.cast::<f32>());
             for j in 0..seg.run {
                 let w0 = _mm256_load_ps(b);
                 let w1 = _mm256_load_ps(b.add(8));
@@ -77,21 +129,104 @@ pub(super) unsafe fn kernel(
                 b = b.add(16);
             }
         }
-        let al = _mm256_set1_ps(alpha);
-        let zero = _mm256_setzero_ps();
         let rows = [[c00, c01], [c10, c11], [c20, c21], [c30, c31], [c40, c41], [c50, c51]];
         for (i, row) in rows.iter().enumerate() {
             for (j, v) in row.iter().enumerate() {
-                let p = c.add(i * ldc + j * 8);
-                let mut y = _mm256_mul_ps(*v, al);
-                if load {
-                    y = _mm256_add_ps(y, _mm256_loadu_ps(p));
-                }
-                if relu {
-                    y = _mm256_max_ps(y, zero);
-                }
-                _mm256_storeu_ps(p, y);
+                store8(c.add(i * ldc + j * 8), *v, e);
             }
         }
+    }
+}
+
+/// u8 x i8 (7-bit weights), i32 sums.
+#[derive(Clone, Copy)]
+pub(super) struct Q8;
+
+impl Kernel for Q8 {
+    type A = u8;
+    const PANELS: usize = 1;
+
+    unsafe fn tile(
+        self,
+        segs: &[Seg],
+        b: *const u8,
+        _bstride: usize,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        e: &TileEpi<'_>,
+    ) {
+        // SAFETY: as the trait requires.
+        unsafe {
+            let acc = q8_kernel(segs, b);
+            if rows == MR && cols == NR {
+                let (mut scale, mut bias) = ([0.0f32; NR], [0.0f32; NR]);
+                scale.copy_from_slice(e.scale.unwrap_or(&[1.0; NR]));
+                if let Some(v) = e.bias {
+                    bias.copy_from_slice(v);
+                }
+                for (i, row) in acc.iter().enumerate() {
+                    for (j, v) in row.iter().enumerate() {
+                        let f = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(*v),
+                            _mm256_loadu_ps(scale.as_ptr().add(8 * j)),
+                            _mm256_loadu_ps(bias.as_ptr().add(8 * j)),
+                        );
+                        store8(c.add(i * ldc + j * 8), f, e);
+                    }
+                }
+            } else {
+                let mut sums = [0i32; MR * NR];
+                for (i, row) in acc.iter().enumerate() {
+                    for (j, v) in row.iter().enumerate() {
+                        _mm256_storeu_si256(sums.as_mut_ptr().add(i * NR + 8 * j).cast(), *v);
+                    }
+                }
+                store_tile(&dequantize(&sums, cols, e), NR, c, ldc, rows, cols, e);
+            }
+        }
+    }
+}
+
+/// The i32 sums of a 6 x 16 tile, as `[row][half]`.
+///
+/// # Safety
+/// AVX2 available; each segment's pointers valid for `4 * run` bytes, `b` one 64-byte line
+/// per step of all runs.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q8_kernel(segs: &[Seg], mut b: *const u8) -> [[__m256i; 2]; 6] {
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        let z = _mm256_setzero_si256();
+        let (mut c00, mut c01, mut c10, mut c11, mut c20, mut c21) = (z, z, z, z, z, z);
+        let (mut c30, mut c31, mut c40, mut c41, mut c50, mut c51) = (z, z, z, z, z, z);
+        // one row's quad (4 u8, broadcast) times both halves of the line
+        macro_rules! quad {
+            ($a:expr, $w0:expr, $w1:expr, $c0:ident, $c1:ident) => {
+                let x = _mm256_set1_epi32(($a as *const i32).read_unaligned());
+                $c0 = _mm256_add_epi32($c0, _mm256_madd_epi16(_mm256_maddubs_epi16(x, $w0), ones));
+                $c1 = _mm256_add_epi32($c1, _mm256_madd_epi16(_mm256_maddubs_epi16(x, $w1), ones));
+            };
+        }
+        for seg in segs {
+            if seg.p[0].is_null() {
+                b = b.add(64 * seg.run);
+                continue;
+            }
+            let [a0, a1, a2, a3, a4, a5] = seg.p;
+            for j in 0..seg.run {
+                let w0 = _mm256_load_si256(b.cast());
+                let w1 = _mm256_load_si256(b.add(32).cast());
+                quad!(a0.add(4 * j), w0, w1, c00, c01);
+                quad!(a1.add(4 * j), w0, w1, c10, c11);
+                quad!(a2.add(4 * j), w0, w1, c20, c21);
+                quad!(a3.add(4 * j), w0, w1, c30, c31);
+                quad!(a4.add(4 * j), w0, w1, c40, c41);
+                quad!(a5.add(4 * j), w0, w1, c50, c51);
+                b = b.add(64);
+            }
+        }
+        [[c00, c01], [c10, c11], [c20, c21], [c30, c31], [c40, c41], [c50, c51]]
     }
 }

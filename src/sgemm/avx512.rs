@@ -1,9 +1,11 @@
-//! AVX-512 micro-kernel: a 6 x 16·NP tile of C from `NP` (<= 4) adjacent 16-column panels of
-//! B at once, 6·NP zmm accumulators (24 at NP = 4: 4 B loads and 6 broadcasts per 24 FMAs).
-//! Partial tiles are handled in the kernel: rows past `rows` are computed (their row pointers
-//! repeat a valid row) but never stored, columns past `cols` are masked.
+//! AVX-512 micro-kernels: a 6 x 16·NP tile of C from `NP` (<= 4) adjacent 16-column panels of
+//! B at once, 6·NP zmm accumulators (24 at NP = 4: 4 B loads and 6 broadcasts per 24
+//! multiply-adds). f32 with FMA; u8 x i8 with AVX512-VNNI `vpdpbusd` (64 multiply-adds per
+//! instruction, exact i32 sums). Partial tiles are handled in the kernel: rows past `rows` are
+//! computed (their row pointers repeat a valid row) but never stored, columns past `cols` are
+//! masked.
 
-use super::Seg;
+use super::{Kernel, NR, Seg, TileEpi};
 use std::arch::x86_64::*;
 
 /// 12 independent 16-lane FMA chains, `iters` rounds (the peak probe).
@@ -23,33 +25,52 @@ pub(super) unsafe fn fma_loop(iters: usize) -> f32 {
     _mm512_reduce_add_ps(sum)
 }
 
-/// `C = act(load·C + alpha·(bias + A·B))` for a `rows x cols` tile (`rows` <= 6,
-/// `cols` <= 16·NP, more than 16·(NP - 1)).
+/// f32, up to 4 panels per call.
+#[derive(Clone, Copy)]
+pub(super) struct F32;
+
+impl Kernel for F32 {
+    type A = f32;
+    const PANELS: usize = 4;
+
+    unsafe fn tile(
+        self,
+        segs: &[Seg],
+        b: *const u8,
+        bstride: usize,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        e: &TileEpi<'_>,
+    ) {
+        let mut bias = [0.0f32; 4 * NR];
+        if let Some(v) = e.bias {
+            bias[..cols].copy_from_slice(v);
+        }
+        let st = Store { c, ldc, rows, cols, e };
+        // SAFETY: as the trait requires.
+        unsafe {
+            match cols.div_ceil(NR) {
+                1 => f32_kernel::<1>(segs, b.cast(), bstride / 4, &bias, &st),
+                2 => f32_kernel::<2>(segs, b.cast(), bstride / 4, &bias, &st),
+                3 => f32_kernel::<3>(segs, b.cast(), bstride / 4, &bias, &st),
+                _ => f32_kernel::<4>(segs, b.cast(), bstride / 4, &bias, &st),
+            }
+        }
+    }
+}
+
+/// `C = act(load·C + alpha·(bias + A·B))` for a `rows x cols` tile (`cols` <= 16·NP, more
+/// than 16·(NP - 1)); panel `q` of B at `b + q * bstride` floats.
 ///
 /// # Safety
-/// AVX-512F available; each segment's pointers valid for its run; panel `q` of B starts at
-/// `b + q * bstride` and holds 16 floats (64-byte aligned) per column of all runs; `c` a
-/// `rows x cols` region with row stride `ldc`; `bias` holds 16·NP floats.
+/// AVX-512F available; as for [`Kernel::tile`].
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
-pub(super) unsafe fn kernel<const NP: usize>(
-    segs: &[Seg],
-    b: *const f32,
-    bstride: usize,
-    c: *mut f32,
-    ldc: usize,
-    rows: usize,
-    cols: usize,
-    bias: &[f32],
-    alpha: f32,
-    load: bool,
-    relu: bool,
-) {
+#[allow(clippy::needless_range_loop)]
+unsafe fn f32_kernel<const NP: usize>(segs: &[Seg], b: *const f32, bstride: usize, bias: &[f32], st: &Store<'_, '_>) {
     unsafe {
-        for i in 0..6.min(rows) {
-            _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc) as *const i8);
-            _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc + 16 * NP - 1) as *const i8);
-        }
+        st.prefetch(NP);
         let mut acc = [[_mm512_setzero_ps(); NP]; 6];
         for q in 0..NP {
             let bv = _mm512_loadu_ps(bias.as_ptr().add(16 * q));
@@ -63,7 +84,7 @@ pub(super) unsafe fn kernel<const NP: usize>(
                 bp = bp.add(16 * seg.run);
                 continue;
             }
-            let a = seg.p;
+            let a = seg.p.map(|p| p.cast::<f32>());
             for j in 0..seg.run {
                 let mut w = [_mm512_setzero_ps(); NP];
                 for q in 0..NP {
@@ -78,40 +99,160 @@ pub(super) unsafe fn kernel<const NP: usize>(
                 bp = bp.add(16);
             }
         }
-        // rows by constant index: a loop to `rows` would index `acc` dynamically, and LLVM
-        // would then keep it in memory and store every accumulator after every FMA
-        let e = Store { c, ldc, cols, alpha: _mm512_set1_ps(alpha), load, relu };
-        let [r0, r1, r2, r3, r4, r5] = acc;
-        e.row(r0, 0);
-        if rows > 1 {
-            e.row(r1, 1);
+        // handed over through a copy: passing `acc` itself keeps it in memory for the whole
+        // loop (LLVM then stores every accumulator after every FMA)
+        let mut out = [[_mm512_setzero_ps(); NP]; 6];
+        for q in 0..NP {
+            for i in 0..6 {
+                out[i][q] = acc[i][q];
+            }
         }
-        if rows > 2 {
-            e.row(r2, 2);
+        st.rows(out);
+    }
+}
+
+/// u8 x i8 (AVX512-VNNI), up to 4 panels per call.
+#[derive(Clone, Copy)]
+pub(super) struct Q8;
+
+impl Kernel for Q8 {
+    type A = u8;
+    const PANELS: usize = 4;
+
+    unsafe fn tile(
+        self,
+        segs: &[Seg],
+        b: *const u8,
+        bstride: usize,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        e: &TileEpi<'_>,
+    ) {
+        let (mut bias, mut scale) = ([0.0f32; 4 * NR], [0.0f32; 4 * NR]);
+        if let Some(v) = e.bias {
+            bias[..cols].copy_from_slice(v);
         }
-        if rows > 3 {
-            e.row(r3, 3);
-        }
-        if rows > 4 {
-            e.row(r4, 4);
-        }
-        if rows > 5 {
-            e.row(r5, 5);
+        scale[..cols].copy_from_slice(e.scale.unwrap_or(&[1.0; 4 * NR][..cols]));
+        let st = Store { c, ldc, rows, cols, e };
+        // SAFETY: as the trait requires.
+        unsafe {
+            match cols.div_ceil(NR) {
+                1 => q8_kernel::<1>(segs, b, bstride, &scale, &bias, &st),
+                2 => q8_kernel::<2>(segs, b, bstride, &scale, &bias, &st),
+                3 => q8_kernel::<3>(segs, b, bstride, &scale, &bias, &st),
+                _ => q8_kernel::<4>(segs, b, bstride, &scale, &bias, &st),
+            }
         }
     }
 }
 
-/// The epilogue of one tile.
-struct Store {
-    c: *mut f32,
-    ldc: usize,
-    cols: usize,
-    alpha: __m512,
-    load: bool,
-    relu: bool,
+/// `C = act(load·C + alpha·(acc·scale + bias))` for a `rows x cols` tile of u8 x i8 sums;
+/// panel `q` of B at `b + q * bstride` bytes.
+///
+/// # Safety
+/// AVX-512F, BW and VNNI available; as for [`Kernel::tile`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[allow(clippy::needless_range_loop)]
+unsafe fn q8_kernel<const NP: usize>(
+    segs: &[Seg],
+    b: *const u8,
+    bstride: usize,
+    scale: &[f32],
+    bias: &[f32],
+    st: &Store<'_, '_>,
+) {
+    unsafe {
+        st.prefetch(NP);
+        let mut acc = [[_mm512_setzero_si512(); NP]; 6];
+        let mut bp = b;
+        for seg in segs {
+            if seg.p[0].is_null() {
+                bp = bp.add(64 * seg.run);
+                continue;
+            }
+            let a = seg.p;
+            for j in 0..seg.run {
+                let mut w = [_mm512_setzero_si512(); NP];
+                for q in 0..NP {
+                    w[q] = _mm512_load_si512(bp.add(q * bstride).cast());
+                }
+                for i in 0..6 {
+                    let x = _mm512_set1_epi32((a[i].add(4 * j) as *const i32).read_unaligned());
+                    for q in 0..NP {
+                        acc[i][q] = _mm512_dpbusd_epi32(acc[i][q], x, w[q]);
+                    }
+                }
+                bp = bp.add(64);
+            }
+        }
+        let mut f = [[_mm512_setzero_ps(); NP]; 6];
+        for q in 0..NP {
+            let (s, bv) = (_mm512_loadu_ps(scale.as_ptr().add(16 * q)), _mm512_loadu_ps(bias.as_ptr().add(16 * q)));
+            for i in 0..6 {
+                f[i][q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][q]), s, bv);
+            }
+        }
+        st.rows(f);
+    }
 }
 
-impl Store {
+/// The epilogue of one tile.
+struct Store<'a, 'b> {
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    e: &'a TileEpi<'b>,
+}
+
+impl Store<'_, '_> {
+    /// # Safety
+    /// AVX-512F available; the tile is inside C.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn prefetch(&self, np: usize) {
+        for i in 0..6.min(self.rows) {
+            // SAFETY: prefetches never fault; the addresses are inside the tile anyway.
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T0>(self.c.add(i * self.ldc) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(self.c.add(i * self.ldc + 16 * np - 1) as *const i8);
+            }
+        }
+    }
+
+    /// All rows of the tile. Rows by constant index: a loop to `rows` would index `acc`
+    /// dynamically, and LLVM would then keep it in memory and store every accumulator after
+    /// every FMA.
+    ///
+    /// # Safety
+    /// AVX-512F available; the tile is inside C.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn rows<const NP: usize>(&self, acc: [[__m512; NP]; 6]) {
+        let [r0, r1, r2, r3, r4, r5] = acc;
+        // SAFETY: rows below `self.rows` are inside the tile.
+        unsafe {
+            self.row(r0, 0);
+            if self.rows > 1 {
+                self.row(r1, 1);
+            }
+            if self.rows > 2 {
+                self.row(r2, 2);
+            }
+            if self.rows > 3 {
+                self.row(r3, 3);
+            }
+            if self.rows > 4 {
+                self.row(r4, 4);
+            }
+            if self.rows > 5 {
+                self.row(r5, 5);
+            }
+        }
+    }
+
     /// Row `i`: `C = act(load·C + alpha·acc)`, columns past `cols` masked.
     ///
     /// # Safety
@@ -119,17 +260,18 @@ impl Store {
     #[target_feature(enable = "avx512f")]
     #[inline]
     unsafe fn row<const NP: usize>(&self, acc: [__m512; NP], i: usize) {
+        let alpha = _mm512_set1_ps(self.e.alpha);
         for (q, v) in acc.into_iter().enumerate() {
             let valid = self.cols.saturating_sub(16 * q).min(16);
             let mask: __mmask16 = if valid == 16 { 0xffff } else { ((1u32 << valid) - 1) as u16 };
             // SAFETY: the masked lanes are inside row i of the tile.
             unsafe {
                 let p = self.c.add(i * self.ldc + 16 * q);
-                let mut y = _mm512_mul_ps(v, self.alpha);
-                if self.load {
+                let mut y = _mm512_mul_ps(v, alpha);
+                if self.e.load {
                     y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, p));
                 }
-                if self.relu {
+                if self.e.relu {
                     y = _mm512_max_ps(y, _mm512_setzero_ps());
                 }
                 _mm512_mask_storeu_ps(p, mask, y);

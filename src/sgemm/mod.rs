@@ -1,18 +1,21 @@
-//! f32 GEMM for the frozen engine, `C = act(load·C + alpha·(A·B + bias))`, with the weights `B`
-//! packed once at load time.
+//! GEMMs of the frozen engine, `C = act(load·C + alpha·(A·B·scale + bias))` with `C` f32, the
+//! weights `B` packed once at load time, and two element types: f32 (`gemm`) and
+//! uint8 activations x int8 weights with i32 accumulation (`qgemm`, the int8 engine).
 //!
-//! `B` (`[k, n]`, the convolution weights) is stored as panels of `NR` = 16 columns, each panel
-//! `k` rows of 16 contiguous floats (64-byte aligned), split into `KC`-row slices (16 KiB, kept
-//! in L1 while a task's rows run over it). `A` (activations) is not packed: the 6x16
+//! `B` (`[k, n]`, the convolution weights) is stored as panels of `NR` = 16 columns. A k-step
+//! of a panel is one 64-byte line: 16 floats (f32), or 16 columns x 4 consecutive k of int8
+//! (the operand of `vpdpbusd` / `vpmaddubsw`). Panels are cut into k-blocks of `KC` steps
+//! (kept in L1 while a task's rows run over them). `A` (activations) is not packed: the
 //! micro-kernel reads its 6 rows through pointers, one set per run of contiguous columns
 //! ("indirect" convolution: for a k x k convolution a run is one tap's input channels of six
-//! output pixels, or zeros for padding), so im2col never exists. Only inputs with fewer than 16
-//! channels (the RGB stem) are gathered into a row-major scratch tile first. Bias, the residual
-//! scale-add and ReLU are applied as the accumulators are stored.
+//! output pixels, or zeros for padding), so im2col never exists. Only f32 inputs with fewer
+//! than 16 channels (the RGB stem) are gathered into a row-major scratch tile first. Scale,
+//! bias, the residual scale-add and ReLU are applied as the accumulators are stored.
 //!
-//! Micro-kernels, one file per instruction set, chosen at run time ([`Isa::detect`]):
-//! `avx512` (6 x 64: four panels per call), `avx2` (6 x 16, FMA) and a portable one; all
-//! compute the same tile and are tested against each other where the CPU has them.
+//! Micro-kernels implement [`Kernel`], one file per instruction set, chosen at run time
+//! ([`Isa::detect`]): `avx512` (f32 6 x 64, and int8 6 x 64 with AVX512-VNNI), `avx2` (f32 6 x
+//! 16 with FMA, int8 6 x 16 with `vpmaddubsw`) and `portable`; all compute the same tile and
+//! are tested against each other where the CPU has them.
 
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -21,18 +24,20 @@ use std::cell::RefCell;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod portable;
 
 const MR: usize = 6;
 const NR: usize = 16;
-/// Rows per k-block: a panel's slice is `KC x 16` floats (16 KiB), kept in L1 while a
-/// task's strips run over it; the AVX-512 kernel reads four panels at once, so it takes half.
+/// k-steps per block: a panel's slice is `KC` lines (16 KiB), kept in L1 while a task's strips
+/// run over it; the AVX-512 kernels read four panels at once, so they take half (and every
+/// int8 kernel the same, so that int8 results do not depend on the CPU).
 const KC: usize = 256;
-const KC_AVX512: usize = 128;
+const KC_WIDE: usize = 128;
 const MC: usize = 72;
 /// Up to this many column panels per task, loop strips outside panels.
 const FEW_PANELS: usize = 4;
 
-/// 64-byte aligned floats (a `B` row of 16 is one cache line; unaligned ones straddle two).
+/// 64-byte lines (a k-step of a `B` panel is one cache line; unaligned ones straddle two).
 #[derive(Clone, Debug, Default)]
 struct Aligned(Vec<Line>);
 
@@ -41,29 +46,149 @@ struct Aligned(Vec<Line>);
 struct Line([f32; 16]);
 
 impl Aligned {
-    fn zeros(len: usize) -> Self {
-        Self(vec![Line::default(); len.div_ceil(16)])
+    fn zeros(lines: usize) -> Self {
+        Self(vec![Line::default(); lines])
     }
-    fn as_slice(&self) -> &[f32] {
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: Line is 64 plain bytes with no padding.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast(), self.0.len() * 64) }
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above; every byte pattern is a valid f32.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast(), self.0.len() * 64) }
+    }
+    fn floats(&self) -> &[f32] {
         // SAFETY: Line is 16 f32 with no padding (size 64 = 16 * 4).
         unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast(), self.0.len() * 16) }
     }
-    fn as_mut_slice(&mut self) -> &mut [f32] {
+    fn floats_mut(&mut self) -> &mut [f32] {
         // SAFETY: as above.
         unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast(), self.0.len() * 16) }
     }
 }
 
-/// `B` (`[k, n]` row-major) packed into 16-column panels (the last one zero-padded), stored
-/// k-block by k-block: block `[k0, k0 + kc)` holds every panel's `kc x 16` slice in turn, so a
-/// task sweeping the panels of one k-block reads one contiguous stream.
+/// Panels of 64-byte k-steps, stored k-block by k-block: block `[s0, s0 + kc)` holds every
+/// panel's `kc`-line slice in turn, so a task sweeping the panels of one k-block reads one
+/// contiguous stream.
 #[derive(Clone, Debug)]
-pub struct PackedB {
-    k: usize,
+struct Panels {
+    /// k-steps (f32: k; int8: k / 4).
+    steps: usize,
     n: usize,
-    /// Rows per k-block (the last block may be shorter).
+    /// Steps per k-block (the last block may be shorter).
     kc: usize,
     data: Aligned,
+}
+
+impl Panels {
+    fn zeros(steps: usize, n: usize, kc_target: usize) -> Self {
+        let kc = steps.div_ceil(steps.div_ceil(kc_target).max(1)).max(1);
+        Self { steps, n, kc, data: Aligned::zeros(n.div_ceil(NR) * steps) }
+    }
+
+    /// Every (step, panel): `f(step, first column, columns, line index)`.
+    fn layout(&self, mut f: impl FnMut(usize, usize, usize, usize)) {
+        let panels = self.n.div_ceil(NR);
+        for s0 in (0..self.steps).step_by(self.kc) {
+            let kcb = self.kc.min(self.steps - s0);
+            for p in 0..panels {
+                let (c0, cols) = (p * NR, NR.min(self.n - p * NR));
+                for kk in 0..kcb {
+                    f(s0 + kk, c0, cols, s0 * panels + p * kcb + kk);
+                }
+            }
+        }
+    }
+
+    /// Line index of panel `p`'s slice of the k-block starting at step `s0` (`kcb` steps).
+    fn slice(&self, s0: usize, kcb: usize, p: usize) -> usize {
+        s0 * self.n.div_ceil(NR) + p * kcb
+    }
+}
+
+/// f32 `B` (`[k, n]` row-major) packed into 16-column panels (the last one zero-padded).
+#[derive(Clone, Debug)]
+pub struct PackedB(Panels);
+
+impl PackedB {
+    pub fn new(w: &[f32], k: usize, n: usize) -> Self {
+        assert_eq!(w.len(), k * n, "weight matrix is not k x n");
+        let mut p = Panels::zeros(k, n, Isa::detect().f32_kc());
+        let mut data = std::mem::take(&mut p.data);
+        let packed = data.floats_mut();
+        p.layout(|r, c0, cols, line| packed[line * 16..line * 16 + cols].copy_from_slice(&w[r * n + c0..][..cols]));
+        p.data = data;
+        Self(p)
+    }
+
+    /// Back to `[k, n]` row-major (used at load time to merge convolutions).
+    pub fn unpack(&self) -> Vec<f32> {
+        let (n, mut w, packed) = (self.0.n, vec![0.0f32; self.0.steps * self.0.n], self.0.data.floats());
+        self.0.layout(|r, c0, cols, line| w[r * n + c0..][..cols].copy_from_slice(&packed[line * 16..][..cols]));
+        w
+    }
+
+    pub fn k(&self) -> usize {
+        self.0.steps
+    }
+
+    pub fn n(&self) -> usize {
+        self.0.n
+    }
+}
+
+/// int8 `B` (`[k, n]` row-major, `k` a multiple of 4) packed for the u8 x i8 kernels: a line
+/// holds 16 columns x 4 consecutive k. Where the kernel is `vpmaddubsw` (no VNNI), whose
+/// 16-bit pair sums would saturate with 8-bit weights, the weights are halved to 7 bits at
+/// packing (`[-64, 63]`, round half to even) and their scales doubled, so every kernel computes
+/// exact integer sums of the weights it holds.
+#[derive(Clone, Debug)]
+pub struct PackedQ {
+    p: Panels,
+    /// Per-column scale of the packed integers (the given scales, x2 where halved).
+    scale: Vec<f32>,
+    isa: QIsa,
+}
+
+impl PackedQ {
+    /// `w` `[k, n]` int8 with per-column scales `scale` (`w_real = w * scale`), for the
+    /// detected int8 kernel.
+    pub fn new(w: &[i8], k: usize, n: usize, scale: &[f32]) -> Self {
+        Self::new_for(QIsa::detect(), w, k, n, scale)
+    }
+
+    fn new_for(isa: QIsa, w: &[i8], k: usize, n: usize, scale: &[f32]) -> Self {
+        assert!(w.len() == k * n && k.is_multiple_of(4) && scale.len() == n, "bad int8 weight matrix");
+        let half = isa == QIsa::Avx2;
+        let mut p = Panels::zeros(k / 4, n, KC_WIDE);
+        let mut data = std::mem::take(&mut p.data);
+        let bytes = data.bytes_mut();
+        p.layout(|s, c0, cols, line| {
+            for j in 0..cols {
+                for t in 0..4 {
+                    let v = w[(4 * s + t) * n + c0 + j];
+                    let v = if half { (v as f32 / 2.0).round_ties_even() as i8 } else { v };
+                    bytes[line * 64 + 4 * j + t] = v as u8;
+                }
+            }
+        });
+        p.data = data;
+        let scale = scale.iter().map(|s| if half { s * 2.0 } else { *s }).collect();
+        Self { p, scale, isa }
+    }
+
+    /// Per-column scale of the integers as packed.
+    pub fn scale(&self) -> &[f32] {
+        &self.scale
+    }
+
+    pub fn k(&self) -> usize {
+        self.p.steps * 4
+    }
+
+    pub fn n(&self) -> usize {
+        self.p.n
+    }
 }
 
 /// The instruction set a GEMM's micro-kernel uses.
@@ -108,74 +233,97 @@ impl Isa {
         v
     }
 
-    /// 16-column panels one kernel call covers.
-    fn panels(self) -> usize {
-        if self == Isa::Avx512 { 4 } else { 1 }
-    }
-
-    fn kc(self) -> usize {
-        if self == Isa::Avx512 { KC_AVX512 } else { KC }
+    fn f32_kc(self) -> usize {
+        if self == Isa::Avx512 { KC_WIDE } else { KC }
     }
 }
 
-impl PackedB {
-    pub fn new(w: &[f32], k: usize, n: usize) -> Self {
-        assert_eq!(w.len(), k * n, "weight matrix is not k x n");
-        let kc = k.div_ceil(k.div_ceil(Isa::detect().kc()).max(1)).max(1);
-        let mut data = Aligned::zeros(n.div_ceil(NR) * NR * k);
-        let packed = data.as_mut_slice();
-        layout(k, n, kc, |r, c0, cols, off| packed[off..off + cols].copy_from_slice(&w[r * n + c0..r * n + c0 + cols]));
-        Self { k, n, kc, data }
-    }
-
-    /// Back to `[k, n]` row-major (used at load time to merge convolutions).
-    pub fn unpack(&self) -> Vec<f32> {
-        let (n, mut w, packed) = (self.n, vec![0.0f32; self.k * self.n], self.data.as_slice());
-        layout(self.k, n, self.kc, |r, c0, cols, off| {
-            w[r * n + c0..r * n + c0 + cols].copy_from_slice(&packed[off..off + cols])
-        });
-        w
-    }
-
-    /// Offset of panel `p`'s slice of the k-block starting at `k0` (`kcb` rows).
-    fn slice(&self, k0: usize, kcb: usize, p: usize) -> usize {
-        k0 * self.n.div_ceil(NR) * NR + p * kcb * NR
-    }
-
-    pub fn k(&self) -> usize {
-        self.k
-    }
-
-    pub fn n(&self) -> usize {
-        self.n
-    }
+/// The int8 kernel: AVX512-VNNI (`vpdpbusd`), AVX2 (`vpmaddubsw`, 7-bit weights) or portable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum QIsa {
+    Portable,
+    Avx2,
+    Avx512Vnni,
 }
 
-/// Every (row, panel) of a packed `[k, n]` matrix with `kc`-row blocks:
-/// `f(row, first column, columns, offset of its 16 floats)`.
-fn layout(k: usize, n: usize, kc: usize, mut f: impl FnMut(usize, usize, usize, usize)) {
-    let panels = n.div_ceil(NR);
-    for k0 in (0..k).step_by(kc) {
-        let kcb = kc.min(k - k0);
-        for p in 0..panels {
-            let (c0, cols) = (p * NR, NR.min(n - p * NR));
-            for kk in 0..kcb {
-                f(k0 + kk, c0, cols, k0 * panels * NR + (p * kcb + kk) * NR);
+impl QIsa {
+    /// The best int8 kernel of this CPU within [`Isa::detect`]'s choice.
+    pub fn detect() -> QIsa {
+        static ISA: std::sync::OnceLock<QIsa> = std::sync::OnceLock::new();
+        *ISA.get_or_init(|| {
+            let avail = QIsa::available();
+            let best = match Isa::detect() {
+                Isa::Portable => QIsa::Portable,
+                Isa::Avx2 => QIsa::Avx2,
+                Isa::Avx512 => QIsa::Avx512Vnni,
+            };
+            *avail.iter().rev().find(|q| **q <= best).unwrap_or(&QIsa::Portable)
+        })
+    }
+
+    /// Every int8 kernel this CPU can run, portable first.
+    pub fn available() -> Vec<QIsa> {
+        let mut v = vec![QIsa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                v.push(QIsa::Avx2);
+            }
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vnni")
+            {
+                v.push(QIsa::Avx512Vnni);
             }
         }
+        v
     }
 }
 
-/// Where the rows of `A` come from.
+/// An element of `A`: f32, or u8 (quantized activations, read 4 at a time).
+pub trait Elem: Copy + Default + Send + Sync + 'static {
+    /// Elements per k-step.
+    const STEP: usize;
+    /// At least `KC` steps of zeros (the padding taps).
+    fn zeros() -> &'static [Self];
+    /// This type's gathered-rows buffer in the thread's scratch.
+    fn rows(s: &mut Scratch) -> &mut Vec<Self>;
+}
+
+static ZEROS_F32: [f32; KC] = [0.0; KC];
+static ZEROS_U8: [u8; 4 * KC] = [0; 4 * KC];
+
+impl Elem for f32 {
+    const STEP: usize = 1;
+    fn zeros() -> &'static [f32] {
+        &ZEROS_F32
+    }
+    fn rows(s: &mut Scratch) -> &mut Vec<f32> {
+        &mut s.rows
+    }
+}
+
+impl Elem for u8 {
+    const STEP: usize = 4;
+    fn zeros() -> &'static [u8] {
+        &ZEROS_U8
+    }
+    fn rows(s: &mut Scratch) -> &mut Vec<u8> {
+        &mut s.rows_u8
+    }
+}
+
+/// Where the rows of `A` come from (columns and channels in elements; for u8 every run must
+/// be whole k-steps: `cin`, `c0` and `ld` multiples of 4).
 #[derive(Clone, Copy, Debug)]
-pub enum Rows<'a> {
+pub enum Rows<'a, T = f32> {
     /// Row `r` is `data[r * ld .. r * ld + k]`.
-    Dense { data: &'a [f32], ld: usize },
+    Dense { data: &'a [T], ld: usize },
     /// Implicit im2col of an NHWC input (`n, h, w`, channel `c0 + ci` at row stride `ld`) for a
     /// `kh x kw` convolution with `stride` and top/left `pad`: row `r` is output pixel `r` of an
     /// `oh x ow` map, column `(ky * kw + kx) * cin + ci`.
     Conv {
-        data: &'a [f32],
+        data: &'a [T],
         ld: usize,
         c0: usize,
         cin: usize,
@@ -187,23 +335,21 @@ pub enum Rows<'a> {
     },
 }
 
-/// Source of rows past the input (padding).
-static ZEROS: [f32; KC] = [0.0; KC];
-
-/// Six row pointers, each valid for `run` floats: columns `[k, k + run)` of a 6-row strip; all
-/// null where every row is zero there (padding), which the kernels skip.
+/// Six row pointers (of the kernel's element type), each valid for `run` k-steps: columns
+/// `[k, k + run)` of a 6-row strip; all null where every row is zero there (padding), which
+/// the kernels skip.
 #[derive(Clone, Copy, Debug)]
-struct Seg {
-    p: [*const f32; MR],
+pub struct Seg {
+    p: [*const u8; MR],
     run: usize,
 }
 
 /// A convolution row's image and the input position of its tap (0, 0).
 type Origin = (usize, isize, isize);
 
-impl<'a> Rows<'a> {
+impl<'a, T: Elem> Rows<'a, T> {
     /// Columns `[k, k + run)` of row `r` (`run` stops at the end of a convolution tap).
-    fn segment(&self, r: usize, k: usize, max_run: usize) -> (&'a [f32], usize) {
+    fn segment(&self, r: usize, k: usize, max_run: usize) -> (&'a [T], usize) {
         match *self {
             Rows::Dense { data, ld } => (&data[r * ld + k..r * ld + k + max_run], max_run),
             Rows::Conv { .. } => {
@@ -228,12 +374,12 @@ impl<'a> Rows<'a> {
         ([tap / kw, tap % kw, ci], (cin - ci).min(max_run))
     }
 
-    /// `run` input values of a tap for the row at `origin` (`ZEROS` where the tap is padding).
-    fn at(&self, (b, y0, x0): Origin, [ky, kx, ci]: [usize; 3], run: usize) -> &'a [f32] {
+    /// `run` input values of a tap for the row at `origin` (zeros where the tap is padding).
+    fn at(&self, (b, y0, x0): Origin, [ky, kx, ci]: [usize; 3], run: usize) -> &'a [T] {
         let Rows::Conv { data, ld, c0, hw: [h, w], .. } = *self else { unreachable!("tap of a dense row") };
         let (iy, ix) = (y0 + ky as isize, x0 + kx as isize);
         if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
-            &ZEROS[..run]
+            &T::zeros()[..run]
         } else {
             let src = ((b * h + iy as usize) * w + ix as usize) * ld + c0 + ci;
             &data[src..src + run]
@@ -246,18 +392,19 @@ impl<'a> Rows<'a> {
         let row = |i: usize| if ra + i < r1 { ra + i } else { ra };
         match *self {
             Rows::Dense { data, ld } => {
-                let p = std::array::from_fn(|i| data[row(i) * ld + k0..row(i) * ld + k0 + kc].as_ptr());
-                out.push(Seg { p, run: kc });
+                let p = std::array::from_fn(|i| data[row(i) * ld + k0..row(i) * ld + k0 + kc].as_ptr().cast());
+                out.push(Seg { p, run: kc / T::STEP });
             }
             Rows::Conv { .. } => {
                 let origins: [Origin; MR] = std::array::from_fn(|i| self.origin(row(i)));
+                let zeros = T::zeros().as_ptr().cast::<u8>();
                 let mut kk = 0;
                 while kk < kc {
                     let (tap, run) = self.tap(k0 + kk, kc - kk);
-                    let p = origins.map(|o| self.at(o, tap, run).as_ptr());
+                    let p = origins.map(|o| self.at(o, tap, run).as_ptr().cast::<u8>());
                     // a tap that is padding for all six rows adds nothing: the kernel skips it
-                    let p = if p.iter().all(|&q| q == ZEROS.as_ptr()) { [std::ptr::null(); MR] } else { p };
-                    out.push(Seg { p, run });
+                    let p = if p.iter().all(|&q| q == zeros) { [std::ptr::null(); MR] } else { p };
+                    out.push(Seg { p, run: run / T::STEP });
                     kk += run;
                 }
             }
@@ -265,7 +412,7 @@ impl<'a> Rows<'a> {
     }
 
     /// Rows `[r0, r1)`, columns `[k0, k0 + kc)` copied row-major into `out` (row stride `kc`).
-    fn gather(&self, r0: usize, r1: usize, k0: usize, kc: usize, out: &mut [f32]) {
+    fn gather(&self, r0: usize, r1: usize, k0: usize, kc: usize, out: &mut [T]) {
         if let Rows::Conv { data, ld, c0: 0, cin, hw: [h, w], k: [_, kw], .. } = *self
             && ld == cin
         {
@@ -280,7 +427,7 @@ impl<'a> Rows<'a> {
                     let (iy, ix) = (y0 + ky as isize, x0 + kx as isize);
                     let run = if iy < 0 || iy >= h as isize || ix < 0 || ix >= w as isize {
                         let run = (cin - ci).min(kc - kk); // one padded tap
-                        row[kk..kk + run].fill(0.0);
+                        row[kk..kk + run].fill(T::default());
                         run
                     } else {
                         // taps up to the kernel row's end or the input's right edge
@@ -305,9 +452,21 @@ impl<'a> Rows<'a> {
         }
     }
 
-    /// Inputs whose taps are too short to stream directly (fewer than 16 channels).
+    /// f32 inputs whose taps are too short to stream directly (fewer than 16 channels).
     fn needs_gather(&self) -> bool {
-        matches!(self, Rows::Conv { cin, .. } if *cin < 16)
+        T::STEP == 1 && matches!(self, Rows::Conv { cin, .. } if *cin < 16)
+    }
+
+    /// Panics unless `m` rows of `k` columns are inside the data.
+    fn check(&self, m: usize, k: usize) {
+        match *self {
+            Rows::Dense { data, ld } => assert!(k <= ld && data.len() >= (m - 1) * ld + k, "A too small"),
+            Rows::Conv { data, ld, c0, cin, hw: [h, w], k: [kh, kw], out: [oh, ow], .. } => {
+                assert!(k == kh * kw * cin && c0 + cin <= ld && m.is_multiple_of(oh * ow), "bad convolution geometry");
+                assert!(data.len() >= (m / (oh * ow)) * h * w * ld, "input too small");
+                assert!([cin, c0, ld].iter().all(|v| v.is_multiple_of(T::STEP)), "runs of partial k-steps");
+            }
+        }
     }
 }
 
@@ -318,6 +477,63 @@ pub struct Epilogue<'a> {
     pub alpha: f32,
     pub load: bool,
     pub relu: bool,
+}
+
+/// One tile's epilogue: `C = act(load·C + alpha·(acc·scale + bias))` (`scale`: int8 only), with
+/// `bias` and `scale` sliced to the tile's columns.
+#[derive(Clone, Copy, Debug)]
+pub struct TileEpi<'a> {
+    pub bias: Option<&'a [f32]>,
+    pub scale: Option<&'a [f32]>,
+    pub alpha: f32,
+    pub load: bool,
+    pub relu: bool,
+}
+
+/// A micro-kernel: one `rows x cols` (<= 6 x 16·PANELS) tile of C.
+pub trait Kernel: Copy + Send + Sync {
+    type A: Elem;
+    /// 16-column panels one call covers.
+    const PANELS: usize;
+
+    /// # Safety
+    /// The CPU has the kernel's instruction set; every segment's pointers are valid for `run`
+    /// k-steps and the runs add up to the k-block's steps; panel `q` of B starts at line
+    /// `b + q * bstride` and holds one line per step; `c` points at a `rows x cols` region
+    /// with row stride `ldc` that nobody else touches; `e.bias` / `e.scale` hold `cols` values.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile(
+        self,
+        segs: &[Seg],
+        b: *const u8,
+        bstride: usize,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        e: &TileEpi<'_>,
+    );
+}
+
+/// `C = act(load·C + alpha·acc)` for a `rows x cols` tile from the kernel's accumulators
+/// (`acc`, row stride 16·panels, scale and bias already applied).
+///
+/// # Safety
+/// `c` points at a `rows x cols` region with row stride `ldc`.
+unsafe fn store_tile(acc: &[f32], lda: usize, c: *mut f32, ldc: usize, rows: usize, cols: usize, e: &TileEpi<'_>) {
+    for i in 0..rows {
+        for j in 0..cols {
+            // SAFETY: (i, j) is inside the caller's region.
+            unsafe {
+                let dst = c.add(i * ldc + j);
+                let mut v = e.alpha * acc[i * lda + j];
+                if e.load {
+                    v += *dst;
+                }
+                *dst = if e.relu { v.max(0.0) } else { v };
+            }
+        }
+    }
 }
 
 /// A raw pointer to the output, shared by tasks that write disjoint tiles.
@@ -335,11 +551,12 @@ impl Out {
 
 /// Per-thread scratch: segments of the current tile, and the gathered rows of narrow inputs.
 #[derive(Default)]
-struct Scratch {
+pub struct Scratch {
     segs: Vec<Seg>,
     /// Start of each strip's segments in `segs`.
     starts: Vec<usize>,
     rows: Vec<f32>,
+    rows_u8: Vec<u8>,
 }
 
 thread_local! {
@@ -354,7 +571,58 @@ pub fn gemm(m: usize, a: Rows<'_>, b: &PackedB, c: &mut [f32], ldc: usize, c0: u
 /// [`gemm`] with the kernel chosen by the caller (one of [`Isa::available`]).
 #[allow(clippy::too_many_arguments)]
 fn gemm_on(isa: Isa, m: usize, a: Rows<'_>, b: &PackedB, c: &mut [f32], ldc: usize, c0: usize, epi: Epilogue<'_>) {
-    let (k, n) = (b.k, b.n);
+    match isa {
+        Isa::Portable => drive(portable::F32, m, a, &b.0, None, c, ldc, c0, epi),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => drive(avx2::F32, m, a, &b.0, None, c, ldc, c0, epi),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => drive(avx512::F32, m, a, &b.0, None, c, ldc, c0, epi),
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => drive(portable::F32, m, a, &b.0, None, c, ldc, c0, epi),
+    }
+}
+
+/// The int8 GEMM: `C[r, c0 + j] = act(load·C + alpha·(A·B·(x_scale·b.scale()[j]) + bias))`
+/// for u8 rows `A` (quantized with `x_scale`; `k` a multiple of 4).
+#[allow(clippy::too_many_arguments)]
+pub fn qgemm(
+    m: usize,
+    a: Rows<'_, u8>,
+    b: &PackedQ,
+    col_scale: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    c0: usize,
+    epi: Epilogue<'_>,
+) {
+    assert!(col_scale.len() >= b.n(), "column scales shorter than n");
+    let s = Some(col_scale);
+    match b.isa {
+        QIsa::Portable => drive(portable::Q8, m, a, &b.p, s, c, ldc, c0, epi),
+        #[cfg(target_arch = "x86_64")]
+        QIsa::Avx2 => drive(avx2::Q8, m, a, &b.p, s, c, ldc, c0, epi),
+        #[cfg(target_arch = "x86_64")]
+        QIsa::Avx512Vnni => drive(avx512::Q8, m, a, &b.p, s, c, ldc, c0, epi),
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => drive(portable::Q8, m, a, &b.p, s, c, ldc, c0, epi),
+    }
+}
+
+/// The GEMM driver: row tiles x column chunks as tasks, each sweeping the k-blocks.
+#[allow(clippy::too_many_arguments)]
+fn drive<K: Kernel>(
+    kern: K,
+    m: usize,
+    a: Rows<'_, K::A>,
+    b: &Panels,
+    scale: Option<&[f32]>,
+    c: &mut [f32],
+    ldc: usize,
+    c0: usize,
+    epi: Epilogue<'_>,
+) {
+    let step = K::A::STEP;
+    let (k, n) = (b.steps * step, b.n);
     if m == 0 || n == 0 {
         return;
     }
@@ -362,16 +630,10 @@ fn gemm_on(isa: Isa, m: usize, a: Rows<'_>, b: &PackedB, c: &mut [f32], ldc: usi
     if let Some(bias) = epi.bias {
         assert!(bias.len() >= n, "bias shorter than n");
     }
-    match a {
-        Rows::Dense { data, ld } => assert!(k <= ld && data.len() >= (m - 1) * ld + k, "A too small"),
-        Rows::Conv { data, ld, c0, cin, hw: [h, w], k: [kh, kw], out: [oh, ow], .. } => {
-            assert!(k == kh * kw * cin && c0 + cin <= ld && m.is_multiple_of(oh * ow), "bad convolution geometry");
-            assert!(data.len() >= (m / (oh * ow)) * h * w * ld, "input too small");
-        }
-    }
+    a.check(m, k);
     let t0 = profiling().then(std::time::Instant::now);
     let kc = b.kc;
-    let nkb = k.div_ceil(kc);
+    let nkb = b.steps.div_ceil(kc);
     let panels = n.div_ceil(NR);
     // row tiles of equal size (a multiple of MR, at most MC)
     let mc = m.div_ceil(m.div_ceil(MC)).next_multiple_of(MR);
@@ -390,6 +652,7 @@ fn gemm_on(isa: Isa, m: usize, a: Rows<'_>, b: &PackedB, c: &mut [f32], ldc: usi
     let per_chunk = panels.div_ceil(nchunks);
     let nchunks = panels.div_ceil(per_chunk);
     let out = Out(c.as_mut_ptr());
+    let lines = b.data.bytes();
     let task = |t: usize| {
         let (mt, nc) = (t / nchunks, t % nchunks);
         let (r0, r1) = (mt * mc, (mt * mc + mc).min(m));
@@ -398,47 +661,53 @@ fn gemm_on(isa: Isa, m: usize, a: Rows<'_>, b: &PackedB, c: &mut [f32], ldc: usi
             let scratch = &mut *scratch.borrow_mut();
             let strips = (r1 - r0).div_ceil(MR);
             for kb in 0..nkb {
-                let k0 = kb * kc;
-                let kcb = kc.min(k - k0);
+                let s0 = kb * kc;
+                let kcb = kc.min(b.steps - s0);
+                let (k0, kce) = (s0 * step, kcb * step);
                 scratch.segs.clear();
                 scratch.starts.clear();
                 if a.needs_gather() {
-                    scratch.rows.resize((r1 - r0) * kcb, 0.0);
-                    a.gather(r0, r1, k0, kcb, &mut scratch.rows);
-                    let tile_rows = Rows::Dense { data: &scratch.rows, ld: kcb };
+                    let mut rows = std::mem::take(K::A::rows(scratch));
+                    rows.resize((r1 - r0) * kce, K::A::default());
+                    a.gather(r0, r1, k0, kce, &mut rows);
+                    let tile_rows: Rows<K::A> = Rows::Dense { data: &rows, ld: kce };
                     for st in 0..strips {
                         scratch.starts.push(scratch.segs.len());
-                        tile_rows.segments(st * MR, r1 - r0, 0, kcb, &mut scratch.segs);
+                        tile_rows.segments(st * MR, r1 - r0, 0, kce, &mut scratch.segs);
                     }
+                    *K::A::rows(scratch) = rows;
                 } else {
                     for st in 0..strips {
                         scratch.starts.push(scratch.segs.len());
-                        a.segments(r0 + st * MR, r1, k0, kcb, &mut scratch.segs);
+                        a.segments(r0 + st * MR, r1, k0, kce, &mut scratch.segs);
                     }
                 }
                 scratch.starts.push(scratch.segs.len());
-                let step = Epilogue {
-                    bias: if kb == 0 { epi.bias } else { None },
-                    alpha: epi.alpha,
-                    load: epi.load || kb > 0,
-                    relu: epi.relu && kb == nkb - 1,
-                };
+                let first = kb == 0;
                 // panels [p, p + np) for strip st
                 let run = |(p, np): (usize, usize), st: usize| {
-                    let bp = &b.data.as_slice()[b.slice(k0, kcb, p)..][..np * kcb * NR];
+                    let line = b.slice(s0, kcb, p);
+                    let bp = &lines[line * 64..][..np * kcb * 64];
                     let (j0, cols) = (p * NR, (np * NR).min(n - p * NR));
-                    let epi = Epilogue { bias: step.bias.map(|v| &v[j0..j0 + cols]), ..step };
+                    let e = TileEpi {
+                        bias: if first { epi.bias.map(|v| &v[j0..j0 + cols]) } else { None },
+                        scale: scale.map(|v| &v[j0..j0 + cols]),
+                        alpha: epi.alpha,
+                        load: epi.load || !first,
+                        relu: epi.relu && kb == nkb - 1,
+                    };
                     let rows = MR.min(r1 - r0 - st * MR);
                     let segs = &scratch.segs[scratch.starts[st]..scratch.starts[st + 1]];
-                    // SAFETY: the segments' pointers are valid for their runs (they point into
-                    // `a`'s data, the gathered rows or ZEROS, all alive for this call); rows/cols
-                    // of this tile are inside C (asserted above) and no other task writes them.
+                    // SAFETY: the kernel was chosen among the CPU's; the segments' pointers are
+                    // valid for their runs (they point into `a`'s data, the gathered rows or the
+                    // zeros, all alive for this call); rows/cols of this tile are inside C
+                    // (asserted above) and no other task writes them.
                     unsafe {
                         let cp = out.at((r0 + st * MR) * ldc + c0 + j0);
-                        tile(isa, segs, bp, kcb * NR, cp, ldc, rows, cols, epi);
+                        kern.tile(segs, bp.as_ptr(), kcb * 64, cp, ldc, rows, cols, &e);
                     }
                 };
-                let group = isa.panels();
+                let group = K::PANELS;
                 let groups = || (p0..p1).step_by(group).map(|p| (p, group.min(p1 - p)));
                 if p1 - p0 <= FEW_PANELS {
                     // narrow output: keep each strip's rows in L1 across the few panels
@@ -457,7 +726,8 @@ fn gemm_on(isa: Isa, m: usize, a: Rows<'_>, b: &PackedB, c: &mut [f32], ldc: usi
     }
     if let Some(t0) = t0 {
         let conv = matches!(a, Rows::Conv { .. });
-        eprintln!("gemm m={m} k={k} n={n} conv={} ms={:.4}", conv as u8, t0.elapsed().as_secs_f64() * 1e3);
+        let q = scale.is_some() as u8;
+        eprintln!("gemm m={m} k={k} n={n} conv={} int8={q} ms={:.4}", conv as u8, t0.elapsed().as_secs_f64() * 1e3);
     }
 }
 
@@ -469,104 +739,6 @@ fn profiling() -> bool {
 
 pub(crate) fn has_avx2_fma() -> bool {
     Isa::available().contains(&Isa::Avx2)
-}
-
-/// One `rows x cols` (<= 6 x 16 · panels) tile of C; B's panels `bstride` floats apart.
-///
-/// # Safety
-/// Every segment's pointers are valid for `run` floats and the runs add up to
-/// `bstride / 16`; `b` holds the tile's panels; `c` points at a `rows x cols` region with row
-/// stride `ldc` that nobody else touches; the epilogue's bias (if any) holds this tile's
-/// `cols` values; `isa` is one of [`Isa::available`].
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile(
-    isa: Isa,
-    segs: &[Seg],
-    b: &[f32],
-    bstride: usize,
-    c: *mut f32,
-    ldc: usize,
-    rows: usize,
-    cols: usize,
-    epi: Epilogue<'_>,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 {
-        let mut bias64 = [0.0f32; 4 * NR];
-        if let Some(v) = epi.bias {
-            bias64[..cols].copy_from_slice(v);
-        }
-        let (bp, e) = (b.as_ptr(), epi);
-        // SAFETY: AVX-512F present (isa is available); see above for the rest.
-        unsafe {
-            match cols.div_ceil(NR) {
-                1 => avx512::kernel::<1>(segs, bp, bstride, c, ldc, rows, cols, &bias64, e.alpha, e.load, e.relu),
-                2 => avx512::kernel::<2>(segs, bp, bstride, c, ldc, rows, cols, &bias64, e.alpha, e.load, e.relu),
-                3 => avx512::kernel::<3>(segs, bp, bstride, c, ldc, rows, cols, &bias64, e.alpha, e.load, e.relu),
-                _ => avx512::kernel::<4>(segs, bp, bstride, c, ldc, rows, cols, &bias64, e.alpha, e.load, e.relu),
-            }
-        }
-        return;
-    }
-    let mut bias16 = [0.0f32; NR];
-    if let Some(v) = epi.bias {
-        bias16[..cols].copy_from_slice(v);
-    }
-    let mut acc = [0.0f32; MR * NR];
-    #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 {
-        // SAFETY: the CPU has AVX2 and FMA (checked by the caller); see above for the rest.
-        unsafe {
-            if rows == MR && cols == NR {
-                avx2::kernel(segs, b.as_ptr(), c, ldc, &bias16, epi.alpha, epi.load, epi.relu);
-                return;
-            }
-            avx2::kernel(segs, b.as_ptr(), acc.as_mut_ptr(), NR, &bias16, 1.0, false, false);
-        }
-    }
-    if isa == Isa::Portable {
-        // SAFETY: as above.
-        unsafe { portable_kernel(segs, b, &bias16, &mut acc) };
-    }
-    for i in 0..rows {
-        for j in 0..cols {
-            // SAFETY: (i, j) is inside the caller's region.
-            unsafe {
-                let dst = c.add(i * ldc + j);
-                let mut v = epi.alpha * acc[i * NR + j];
-                if epi.load {
-                    v += *dst;
-                }
-                *dst = if epi.relu { v.max(0.0) } else { v };
-            }
-        }
-    }
-}
-
-/// `acc = bias + A·B` for one 6 x 16 tile, in plain Rust.
-///
-/// # Safety
-/// As for [`tile`].
-unsafe fn portable_kernel(segs: &[Seg], b: &[f32], bias: &[f32; NR], acc: &mut [f32; MR * NR]) {
-    for i in 0..MR {
-        acc[i * NR..(i + 1) * NR].copy_from_slice(bias);
-    }
-    let mut bv = b.chunks_exact(NR);
-    for seg in segs {
-        if seg.p[0].is_null() {
-            bv.by_ref().take(seg.run).for_each(drop);
-            continue;
-        }
-        // SAFETY: each pointer is valid for `run` floats.
-        let rows = seg.p.map(|p| unsafe { std::slice::from_raw_parts(p, seg.run) });
-        for (j, w) in bv.by_ref().take(seg.run).enumerate() {
-            for (i, row) in rows.iter().enumerate() {
-                for (a, w) in acc[i * NR..(i + 1) * NR].iter_mut().zip(w) {
-                    *a += row[j] * w;
-                }
-            }
-        }
-    }
 }
 
 /// Measured f32 multiply-add peak of one core, GFLOP/s (12 independent FMA chains for ~0.2 s,
@@ -586,24 +758,11 @@ pub fn fma_peak_gflops() -> f64 {
             std::hint::black_box(unsafe { avx2::fma_loop(iters) });
             iters * 12 * 16
         }
-        Isa::Portable => portable_fma_loop(iters),
+        Isa::Portable => portable::fma_loop(iters),
     };
     #[cfg(not(target_arch = "x86_64"))]
-    let flops = portable_fma_loop(iters);
+    let flops = portable::fma_loop(iters);
     flops as f64 / t.elapsed().as_secs_f64() / 1e9
-}
-
-fn portable_fma_loop(iters: usize) -> usize {
-    let mut acc = [[0.0f32; 8]; 12];
-    for _ in 0..iters {
-        for a in acc.iter_mut() {
-            for v in a.iter_mut() {
-                *v = v.mul_add(1.000_000_1, 0.999_999);
-            }
-        }
-    }
-    std::hint::black_box(acc);
-    iters * 12 * 16
 }
 
 #[cfg(test)]
@@ -653,6 +812,79 @@ mod tests {
                     let y = want[i * n + j] + bias[j];
                     assert!((c[i * ldc + 3 + j] - y.max(0.0)).abs() < 1e-4, "{isa:?} {m}x{k}x{n} ({i},{j})");
                     assert!((r[i * n + j] - (1.5 + 0.2 * y)).abs() < 1e-4);
+                }
+            }
+        }
+    }
+
+    fn bytes(len: usize, seed: u32, lo: i32, hi: i32) -> Vec<i32> {
+        (0..len)
+            .map(|i| lo + ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 7) as i32 % (hi - lo + 1))
+            .collect()
+    }
+
+    /// u8 x i8 against exact integer sums: every int8 kernel, dense and convolution rows
+    /// (padding, stride, k-blocks), bit-identical to the portable kernel on the same packing.
+    #[test]
+    fn int8_kernels_are_exact_and_agree() {
+        // (m, cin, h, w, kh, kw, stride, pad, n): dense 1x1s and padded / strided convolutions,
+        // one with k (3 * 3 * 96 = 864) over a k-block
+        for (m_img, cin, h, w, kh, kw, s, pad, n) in [
+            (2, 64, 5, 7, 1, 1, 1, [0, 0], 100),
+            (1, 8, 9, 9, 3, 3, 1, [1, 1], 33),
+            (2, 96, 7, 6, 3, 3, 2, [0, 0], 70),
+            (1, 12, 8, 6, 1, 7, 1, [0, 3], 16),
+        ] {
+            let (oh, ow) = ((h + 2 * pad[0] - kh) / s + 1, (w + 2 * pad[1] - kw) / s + 1);
+            let m = m_img * oh * ow;
+            let k = kh * kw * cin;
+            let x: Vec<u8> = bytes(m_img * h * w * cin, 9, 0, 255).into_iter().map(|v| v as u8).collect();
+            let wt: Vec<i8> = bytes(k * n, 3, -127, 127).into_iter().map(|v| v as i8).collect();
+            let scale: Vec<f32> = (0..n).map(|j| 0.001 + j as f32 * 1e-5).collect();
+            let bias = data(n, 7);
+            let rows =
+                Rows::Conv { data: &x, ld: cin, c0: 0, cin, hw: [h, w], k: [kh, kw], stride: s, pad, out: [oh, ow] };
+            let epi = Epilogue { bias: Some(&bias), alpha: 1.0, load: false, relu: false };
+            for isa in QIsa::available() {
+                let pq = PackedQ::new_for(isa, &wt, k, n, &scale);
+                let eff: Vec<i64> =
+                    (0..k * n)
+                        .map(|i| {
+                            if isa == QIsa::Avx2 { (wt[i] as f32 / 2.0).round_ties_even() as i64 } else { wt[i] as i64 }
+                        })
+                        .collect();
+                let mut got = vec![0.0f32; m * n];
+                qgemm(m, rows, &pq, pq.scale(), &mut got, n, 0, epi);
+                let mut port = vec![0.0f32; m * n];
+                drive(portable::Q8, m, rows, &pq.p, Some(pq.scale()), &mut port, n, 0, epi);
+                assert_eq!(got, port, "{isa:?} differs from the portable kernel");
+                for r in 0..m {
+                    let (b, oy, ox) = (r / (oh * ow), (r / ow) % oh, r % ow);
+                    for j in 0..n {
+                        let mut sum = 0i64;
+                        for ky in 0..kh {
+                            for kx in 0..kw {
+                                let (iy, ix) = (
+                                    (oy * s + ky) as isize - pad[0] as isize,
+                                    (ox * s + kx) as isize - pad[1] as isize,
+                                );
+                                if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                    continue;
+                                }
+                                for ci in 0..cin {
+                                    let xv = x[((b * h + iy as usize) * w + ix as usize) * cin + ci] as i64;
+                                    sum += xv * eff[((ky * kw + kx) * cin + ci) * n + j];
+                                }
+                            }
+                        }
+                        let want = sum as f64 * pq.scale()[j] as f64 + bias[j] as f64;
+                        let tol = 1e-5 * (sum.abs() as f64 * pq.scale()[j] as f64 + 1.0);
+                        assert!(
+                            (got[r * n + j] as f64 - want).abs() <= tol,
+                            "{isa:?} ({r},{j}): {} vs {want}",
+                            got[r * n + j]
+                        );
+                    }
                 }
             }
         }
