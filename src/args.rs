@@ -103,3 +103,9 @@ pub fn margin(s: &str) -> Result<f32, String> {
 pub fn distance(s: &str) -> Result<f32, String> {
     in_range(s, 0.0, 2.0).map(|v| v as f32)
 }
+
+/// A calibration percentile in (50, 100].
+pub fn percentile(s: &str) -> Result<f64, String> {
+    let v = float(s)?;
+    if v > 50.0 && v <= 100.0 { Ok(v) } else { Err(format!("{v} is outside (50, 100]")) }
+}

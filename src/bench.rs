@@ -22,6 +22,15 @@ pub enum BenchMode {
     Train,
 }
 
+/// Arithmetic of the timed inference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    F32,
+    /// The fast engine quantized (`crate::quant`), calibrated on 16 synthetic images.
+    Int8,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BenchConfig {
     pub model: ModelKind,
@@ -33,6 +42,12 @@ pub struct BenchConfig {
     pub device: String,
     pub engine: EngineKind,
     pub threads: Option<usize>,
+    #[serde(default = "f32_precision")]
+    pub precision: Precision,
+}
+
+fn f32_precision() -> Precision {
+    Precision::F32
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -128,9 +143,25 @@ pub fn run(cfg: &BenchConfig, device: &Device) -> Result<BenchReport> {
         BenchMode::Infer => {
             let model = Model::new(&mcfg, device);
             let weight_mb = model.num_params() as f64 * 4.0 / (1 << 20) as f64;
-            let p = Predictor::new(model, cfg.engine, device);
             let n: usize = shape.iter().product();
             let x: Vec<f32> = (0..n).map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0).collect();
+            let p = match cfg.precision {
+                Precision::F32 => Predictor::new(model, cfg.engine, device),
+                Precision::Int8 => {
+                    if cfg.engine != EngineKind::Fast {
+                        return Err(Error::Invalid("--precision int8 runs on the fast engine".into()));
+                    }
+                    let mut e = crate::lower::lower(model);
+                    let per = 3 * cfg.size * cfg.size;
+                    let mut calib = (0..4usize).map(|b| {
+                        let imgs: Vec<f32> =
+                            (0..4 * per).map(|i| (((i + b * per) * 7919) % 2001) as f32 / 1000.0 - 1.0).collect();
+                        crate::engine::Act::from_nchw(&imgs, [4, 3, cfg.size, cfg.size])
+                    });
+                    crate::quant::quantize_engine(&mut e, &mut calib, 99.99, &mut || {})?;
+                    Predictor::Fast(Box::new(e))
+                }
+            };
             let last = p.run(&x, shape, true).stages.pop().map(|o| o.data).unwrap_or_default();
             let feature_rms = (last.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / last.len().max(1) as f64).sqrt();
             let times = time_runs(cfg, || {
@@ -184,10 +215,11 @@ impl std::fmt::Display for BenchReport {
         let c = &self.config;
         write!(
             f,
-            "{} {:?} b{} {}px on {} ({:?}): median {:.1} ms (min {:.1}, max {:.1}), {:.2} img/s, peak RSS {:.0} MiB \
+            "{} {:?} {:?} b{} {}px on {} ({:?}): median {:.1} ms (min {:.1}, max {:.1}), {:.2} img/s, peak RSS {:.0} MiB \
              (weights {:.0} MiB), load {} -> {}",
             c.model,
             c.mode,
+            c.precision,
             c.batch,
             c.size,
             c.device,

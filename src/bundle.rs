@@ -13,7 +13,9 @@ use burn::tensor::Device;
 
 use crate::error::{Error, Result};
 use crate::models::{Model, ModelConfig, ModelKind};
+use crate::predict::{EngineKind, Predictor};
 use crate::preprocess::Preprocess;
+use crate::quant::{self, QuantConfig};
 use crate::weights::{self, LoadOptions};
 
 /// Metadata keys of the files we write.
@@ -142,12 +144,15 @@ pub fn preprocess_of(model: Option<ModelKind>, weights_path: Option<&Path>) -> R
 
 /// A loaded model and how to feed it.
 pub struct Bundle {
+    /// The network (for an int8 file only its structure: the weights are in `int8`).
     pub model: Model,
     pub pre: Preprocess,
     /// One name per class (empty: none known; results then say `class i`).
     pub classes: Vec<String>,
     /// Where the weights came from (a path, or the embedded demo).
     pub source: String,
+    /// An int8 file (`inception quantize`): its path and quantization config.
+    pub int8: Option<(PathBuf, QuantConfig)>,
 }
 
 impl Bundle {
@@ -174,7 +179,7 @@ impl Bundle {
             return Err(Error::Invalid("the embedded demo model does not describe itself".into()));
         };
         let m = weights::load_bytes(Model::new(&cfg, device), crate::demo::MODEL, path, &LoadOptions::default())?;
-        Ok(Self { model: m, pre, classes, source: crate::demo::NAME.to_string() })
+        Ok(Self { model: m, pre, classes, source: crate::demo::NAME.to_string(), int8: None })
     }
 
     fn from_file(asked: Option<ModelKind>, path: &Path, device: &Device) -> Result<Self> {
@@ -214,8 +219,24 @@ impl Bundle {
                 cfg.num_classes
             )));
         }
+        let source = path.display().to_string();
+        if let Some(q) = quant::config_of(path, &header)? {
+            // the weights are read when the engine is built (`predictor`)
+            return Ok(Self { model: Model::new(&cfg, device), pre, classes, source, int8: Some((path.into(), q)) });
+        }
         let model = weights::load(Model::new(&cfg, device), path, &LoadOptions::default())?;
-        Ok(Self { model, pre, classes, source: path.display().to_string() })
+        Ok(Self { model, pre, classes, source, int8: None })
+    }
+
+    /// The executor of this model: `engine` on `device`; an int8 file runs on the fast engine.
+    pub fn predictor(&self, engine: EngineKind, device: &Device) -> Result<Predictor> {
+        let Some((path, _)) = &self.int8 else { return Ok(Predictor::new(self.model.clone(), engine, device)) };
+        if engine != EngineKind::Fast {
+            return Err(Error::Invalid(format!("{}: an int8 model runs on the fast (cpu) engine", path.display())));
+        }
+        let mut e = crate::lower::lower(self.model.clone());
+        quant::load_into(&mut e, path, &weights::read_file(path)?)?;
+        Ok(Predictor::Fast(Box::new(e)))
     }
 }
 

@@ -244,3 +244,78 @@ pub fn eval(
     }
     Ok(r)
 }
+
+/// What `quantize` wrote.
+#[derive(Clone, Debug, Serialize)]
+pub struct QuantizeReport {
+    pub out: PathBuf,
+    pub config: crate::quant::QuantConfig,
+    pub skipped: Vec<(String, String)>,
+    pub bytes: u64,
+}
+
+/// Calibrate the model of `b` on up to `images` images of `calib` (a dataset name such as
+/// `fashion-mnist` — its training split, a fixed random draw — or a folder of images, in path
+/// order), preprocessed as the model says, and write the int8 model to `out`.
+pub fn quantize(
+    b: &Bundle,
+    calib: &str,
+    images: usize,
+    percentile: f64,
+    out: &Path,
+    on_image: &mut dyn FnMut(usize),
+) -> Result<QuantizeReport> {
+    use crate::engine::Act;
+    use crate::train::data::{Dataset, SplitMix};
+    if b.int8.is_some() {
+        return Err(Error::Invalid(format!("{} is already an int8 model", b.source)));
+    }
+    if images == 0 {
+        return Err(Error::Invalid("--images must be at least 1".into()));
+    }
+    let pre = &b.pre;
+    let s = pre.input_size;
+    crate::bench::check_memory(b.model.kind(), 8, s, false)?;
+    let folder = Path::new(calib).is_dir()
+        && crate::preprocess::collect_images(&[PathBuf::from(calib)]).is_ok_and(|v| !v.is_empty());
+    // each calibration image as the tensor the network sees, or why it could not be read
+    let mut inputs: Vec<std::result::Result<Vec<f32>, (String, String)>> = Vec::new();
+    if folder && Dataset::open(calib, true).is_err() {
+        for path in crate::preprocess::collect_images(&[PathBuf::from(calib)])?.into_iter().take(images) {
+            inputs.push(pre.load(&path).map_err(|e| (path.display().to_string(), e.to_string())));
+        }
+    } else {
+        let ds = Dataset::open(calib, true)?;
+        let mut order = SplitMix::new(0xCA11B).permutation(ds.len());
+        order.truncate(images);
+        for i in order {
+            inputs
+                .push(ds.image(i).map(|img| pre.apply(&img)).map_err(|e| (format!("{}[{i}]", ds.name), e.to_string())));
+        }
+    }
+    let skipped: Vec<(String, String)> = inputs.iter().filter_map(|r| r.as_ref().err().cloned()).collect();
+    let good: Vec<Vec<f32>> = inputs.into_iter().filter_map(|r| r.ok()).collect();
+    let mut engine = crate::lower::lower(b.model.clone());
+    let mut batches = good.chunks(8).map(|c| {
+        let flat: Vec<f32> = c.iter().flatten().copied().collect();
+        Act::from_nchw(&flat, [c.len(), 3, s, s])
+    });
+    let mut done = 0;
+    let tables = crate::quant::quantize_engine(&mut engine, &mut batches, percentile, &mut || {
+        done += 1;
+        on_image(done);
+    })?;
+    let (int8_convs, convs) = engine.int8_convs();
+    let config = crate::quant::QuantConfig {
+        percentile,
+        images: good.len(),
+        calibration: calib.to_string(),
+        convs,
+        int8_convs,
+        scheme: crate::quant::SCHEME.to_string(),
+    };
+    let meta = crate::bundle::metadata(&b.model.config(), pre, &b.classes);
+    crate::quant::save(out, &mut engine, &tables, &config, meta)?;
+    let bytes = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
+    Ok(QuantizeReport { out: out.to_path_buf(), config, skipped, bytes })
+}

@@ -10,10 +10,13 @@
 //! in place in the block input's buffer. Parity with the burn path (and so with timm /
 //! facenet) is tested like the burn path.
 
+use std::sync::{Arc, Mutex};
+
 use rayon::prelude::*;
 
 use crate::models::ModelKind;
-use crate::sgemm::{self, PackedB, Rows};
+use crate::quant::{ActStats, quantize_u8};
+use crate::sgemm::{self, PackedB, PackedQ, Rows};
 
 /// An NHWC activation.
 #[derive(Clone, Debug)]
@@ -33,10 +36,12 @@ impl Act {
     pub fn from_nchw(data: &[f32], [n, c, h, w]: [usize; 4]) -> Self {
         let mut a = Self::zeros(n, h, w, c);
         a.data.par_chunks_mut(h * w * c).enumerate().for_each(|(b, out)| {
-            for ch in 0..c {
-                let src = &data[(b * c + ch) * h * w..][..h * w];
-                for (p, v) in src.iter().enumerate() {
-                    out[p * c + ch] = *v;
+            // pixel by pixel: the writes stream, the reads walk `c` planes in step (channel by
+            // channel the writes would be `c` strided passes over the output)
+            let planes = &data[b * c * h * w..][..c * h * w];
+            for (p, px) in out.chunks_exact_mut(c).enumerate() {
+                for (ch, v) in px.iter_mut().enumerate() {
+                    *v = planes[ch * h * w + p];
                 }
             }
         });
@@ -75,14 +80,40 @@ enum StoreMode {
 /// `(ky, kx, ci)`.
 #[derive(Clone, Debug)]
 pub struct Conv {
-    cin: usize,
-    cout: usize,
-    kernel: [usize; 2],
-    stride: usize,
-    pad: [usize; 2],
-    w: PackedB,
-    b: Vec<f32>,
+    pub(crate) cin: usize,
+    pub(crate) cout: usize,
+    pub(crate) kernel: [usize; 2],
+    pub(crate) stride: usize,
+    pub(crate) pad: [usize; 2],
+    w: Weights,
+    pub(crate) b: Vec<f32>,
     relu: bool,
+    /// Calibration: statistics of every input this convolution sees (`crate::quant`).
+    probe: Option<Arc<Mutex<ActStats>>>,
+}
+
+/// A convolution's weights: f32, or int8 (`crate::quant`).
+#[derive(Clone, Debug)]
+enum Weights {
+    F32(PackedB),
+    /// `[kh * kw * cin4, cout]` int8 with the input's channels padded to `cin4` (a multiple
+    /// of 4); the input is quantized to u8 with `x_scale` before the GEMM, whose i32 sums are
+    /// scaled per column by `col_scale = x_scale * w_scale`.
+    Int8 {
+        w: PackedQ,
+        cin4: usize,
+        x_scale: f32,
+        col_scale: Vec<f32>,
+    },
+}
+
+/// An int8 convolution's tables as stored: weights `[kh * kw * cin4, cout]`, their
+/// per-channel scales, and the input's scale.
+#[derive(Clone, Debug)]
+pub struct Int8Tables {
+    pub weight: Vec<i8>,
+    pub w_scale: Vec<f32>,
+    pub x_scale: f32,
 }
 
 impl Conv {
@@ -109,7 +140,60 @@ impl Conv {
                 }
             }
         }
-        Self { cin, cout, kernel: [kh, kw], stride, pad, w: PackedB::new(&w, k, cout), b: bias, relu }
+        Self::from_matrix(&w, [kh, kw], cin, cout, stride, pad, bias, relu)
+    }
+
+    /// From weights `[kh * kw * cin, cout]` (tap order `(ky, kx, ci)`) and bias.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn from_matrix(
+        w: &[f32],
+        kernel: [usize; 2],
+        cin: usize,
+        cout: usize,
+        stride: usize,
+        pad: [usize; 2],
+        bias: Vec<f32>,
+        relu: bool,
+    ) -> Self {
+        let k = kernel[0] * kernel[1] * cin;
+        let w = Weights::F32(PackedB::new(w, k, cout));
+        Self { cin, cout, kernel, stride, pad, w, b: bias, relu, probe: None }
+    }
+
+    /// The f32 weights `[kh * kw * cin, cout]` (`None` once quantized).
+    pub(crate) fn weights_f32(&self) -> Option<Vec<f32>> {
+        match &self.w {
+            Weights::F32(p) => Some(p.unpack()),
+            Weights::Int8 { .. } => None,
+        }
+    }
+
+    /// Run from now on with int8 weights (`k` over channels padded to `cin4 = cin` rounded up
+    /// to 4).
+    pub(crate) fn set_int8(&mut self, t: &Int8Tables) {
+        let cin4 = self.cin.next_multiple_of(4);
+        let k = self.kernel[0] * self.kernel[1] * cin4;
+        let w = PackedQ::new(&t.weight, k, self.cout, &t.w_scale);
+        let col_scale = w.scale().iter().map(|s| s * t.x_scale).collect();
+        self.w = Weights::Int8 { w, cin4, x_scale: t.x_scale, col_scale };
+    }
+
+    /// Replace the bias, and the f32 weights (`[kh * kw * cin, cout]`) when given.
+    pub(crate) fn set_f32(&mut self, w: Option<&[f32]>, bias: Vec<f32>) {
+        match w {
+            Some(w) => {
+                *self = Conv::from_matrix(w, self.kernel, self.cin, self.cout, self.stride, self.pad, bias, self.relu)
+            }
+            None => self.b = bias,
+        }
+    }
+
+    pub(crate) fn set_probe(&mut self, probe: Option<Arc<Mutex<ActStats>>>) {
+        self.probe = probe;
+    }
+
+    pub(crate) fn is_int8(&self) -> bool {
+        matches!(self.w, Weights::Int8 { .. })
     }
 
     /// Multiply-accumulates on an `h x w` input, batch 1.
@@ -129,31 +213,45 @@ impl Conv {
         self.kernel == [1, 1] && self.stride == 1
     }
 
-    /// Run on `x`, writing channels `[off, off + cout)` of `dst` (row stride `ld`).
-    fn run_into(&self, x: &Act, dst: &mut [f32], ld: usize, off: usize, mode: StoreMode) {
-        let (oh, ow) = self.out_hw(x.h, x.w);
-        let rows = if self.is_pointwise() {
-            Rows::Dense { data: &x.data, ld: x.c }
+    /// The GEMM rows of this convolution on an NHWC input `data` (`ld` channels a pixel).
+    fn rows<'a, T: sgemm::Elem>(&self, data: &'a [T], x: &Act, ld: usize) -> Rows<'a, T> {
+        if self.is_pointwise() {
+            Rows::Dense { data, ld }
         } else {
             Rows::Conv {
-                data: &x.data,
-                ld: x.c,
+                data,
+                ld,
                 c0: 0,
-                cin: self.cin,
+                cin: ld,
                 hw: [x.h, x.w],
                 k: self.kernel,
                 stride: self.stride,
                 pad: self.pad,
-                out: [oh, ow],
+                out: self.out_hw(x.h, x.w).into(),
             }
-        };
+        }
+    }
+
+    /// Run on `x`, writing channels `[off, off + cout)` of `dst` (row stride `ld`).
+    fn run_into(&self, x: &Act, dst: &mut [f32], ld: usize, off: usize, mode: StoreMode) {
+        if let Some(p) = &self.probe {
+            p.lock().unwrap_or_else(|e| e.into_inner()).observe(&x.data);
+        }
+        let (oh, ow) = self.out_hw(x.h, x.w);
         let epi = match mode {
             StoreMode::Store { relu } => sgemm::Epilogue { bias: Some(&self.b), alpha: 1.0, load: false, relu },
             StoreMode::Residual { scale, relu } => {
                 sgemm::Epilogue { bias: Some(&self.b), alpha: scale, load: true, relu }
             }
         };
-        sgemm::gemm(x.n * oh * ow, rows, &self.w, dst, ld, off, epi);
+        let m = x.n * oh * ow;
+        match &self.w {
+            Weights::F32(w) => sgemm::gemm(m, self.rows(&x.data, x, x.c), w, dst, ld, off, epi),
+            Weights::Int8 { w, cin4, x_scale, col_scale } => {
+                let q = quantize_u8(&x.data, x.c, *cin4, *x_scale);
+                sgemm::qgemm(m, self.rows(&q, x, *cin4), w, col_scale, dst, ld, off, epi);
+            }
+        }
     }
 
     pub(crate) fn run(&self, x: &Act) -> Act {
@@ -206,7 +304,7 @@ fn avg_pool(x: &Act) -> Act {
 
 #[derive(Clone, Debug)]
 pub enum Op {
-    Conv(Conv),
+    Conv(Box<Conv>),
     MaxPool,
     AvgPool,
 }
@@ -242,7 +340,7 @@ impl Branch {
         Self { ops, tails }
     }
     pub fn convs(convs: Vec<Conv>) -> Self {
-        Self::new(convs.into_iter().map(Op::Conv).collect())
+        Self::new(convs.into_iter().map(|c| Op::Conv(Box::new(c))).collect())
     }
     pub fn max_pool() -> Self {
         Self::new(vec![Op::MaxPool])
@@ -334,7 +432,7 @@ pub struct Block {
 /// input and the activation) and merge them into one `[cin, sum of couts]` convolution.
 fn merge_leading_1x1(branches: &mut [Branch]) -> Option<Merged1x1> {
     let lead = |b: &Branch| match b.ops.first() {
-        Some(Op::Conv(conv)) if conv.is_pointwise() && conv.pad == [0, 0] && conv.relu => Some(conv.clone()),
+        Some(Op::Conv(conv)) if conv.is_pointwise() && conv.pad == [0, 0] && conv.relu => Some((**conv).clone()),
         _ => None,
     };
     if branches.iter().filter_map(lead).count() < 2 {
@@ -350,7 +448,7 @@ fn merge_leading_1x1(branches: &mut [Branch]) -> Option<Merged1x1> {
     for (branch, conv) in branches.iter_mut().zip(&convs) {
         match conv {
             Some(c) => {
-                let cw = c.w.unpack();
+                let cw = c.weights_f32().expect("convolutions are merged before quantization");
                 for r in 0..cin {
                     w[r * total + off..r * total + off + c.cout].copy_from_slice(&cw[r * c.cout..(r + 1) * c.cout]);
                 }
@@ -362,16 +460,7 @@ fn merge_leading_1x1(branches: &mut [Branch]) -> Option<Merged1x1> {
             None => slots.push(None),
         }
     }
-    let conv = Conv {
-        cin,
-        cout: total,
-        kernel: [1, 1],
-        stride: 1,
-        pad: [0, 0],
-        w: PackedB::new(&w, cin, total),
-        b,
-        relu: true,
-    };
+    let conv = Conv::from_matrix(&w, [1, 1], cin, total, 1, [0, 0], b, true);
     Some(Merged1x1 { conv, slots })
 }
 
@@ -480,6 +569,15 @@ impl Dense {
         self.w.n()
     }
 
+    pub(crate) fn din(&self) -> usize {
+        self.w.k()
+    }
+
+    /// Weights `[din, dout]` and bias.
+    pub(crate) fn matrix(&self) -> (Vec<f32>, Vec<f32>) {
+        (self.w.unpack(), self.b.clone())
+    }
+
     fn macs(&self) -> u64 {
         (self.w.k() * self.w.n()) as u64
     }
@@ -506,6 +604,50 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// Every convolution, in a fixed order (blocks in turn; in a block the merged 1x1, the
+    /// branches' ops and tails, the residual up-projection): how `crate::quant` names them.
+    pub fn convs_mut(&mut self) -> Vec<&mut Conv> {
+        let mut out = Vec::new();
+        for b in &mut self.blocks {
+            if let Some(m) = &mut b.merged {
+                out.push(&mut m.conv);
+            }
+            for br in &mut b.branches {
+                for op in &mut br.ops {
+                    if let Op::Conv(c) = op {
+                        out.push(&mut **c);
+                    }
+                }
+                out.extend(br.tails.iter_mut());
+            }
+            if let Some(r) = &mut b.residual {
+                out.push(&mut r.up);
+            }
+        }
+        out
+    }
+
+    /// The dense layers of the head by name (`bottleneck`, `classifier`).
+    pub(crate) fn dense_layers(&self) -> Vec<(&'static str, &Dense)> {
+        [("bottleneck", self.bottleneck.as_ref()), ("classifier", self.classifier.as_ref())]
+            .into_iter()
+            .filter_map(|(n, d)| d.map(|d| (n, d)))
+            .collect()
+    }
+
+    pub(crate) fn dense_layers_mut(&mut self) -> Vec<(&'static str, &mut Dense)> {
+        [("bottleneck", self.bottleneck.as_mut()), ("classifier", self.classifier.as_mut())]
+            .into_iter()
+            .filter_map(|(n, d)| d.map(|d| (n, d)))
+            .collect()
+    }
+
+    /// Convolutions running int8, of all.
+    pub fn int8_convs(&mut self) -> (usize, usize) {
+        let c = self.convs_mut();
+        (c.iter().filter(|c| c.is_int8()).count(), c.len())
+    }
+
     /// Per stage, the output shape `[1, C, H, W]` and multiply-accumulates on an `s x s` input
     /// (batch 1); last, the head's `[1, classes]` and MACs.
     pub fn shapes_and_macs(&self, s: usize) -> Vec<(Vec<usize>, u64)> {

@@ -46,6 +46,7 @@ pub mod labels;
 pub mod lower;
 pub mod predict;
 pub mod preprocess;
+pub mod quant;
 pub mod serve;
 pub mod sgemm;
 pub mod summary;

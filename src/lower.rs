@@ -61,7 +61,7 @@ fn layers(ls: Vec<Layer>) -> Branch {
     Branch::new(
         ls.into_iter()
             .map(|l| match l {
-                Layer::Conv(c) => Op::Conv(cba(c)),
+                Layer::Conv(c) => Op::Conv(Box::new(cba(c))),
                 Layer::MaxPool(_) => Op::MaxPool,
                 Layer::AvgPool(_) => Op::AvgPool,
             })
@@ -97,7 +97,7 @@ fn part(p: Part) -> Vec<Block> {
         Part::IrReductionB(r) => plain(vec![chain(r.branch0), chain(r.branch1), chain(r.branch2), Branch::max_pool()]),
         Part::InceptionC(c) => {
             // Fig. 6: branches 1 and 2 split into a 1x3 and a 3x1 at their ends
-            let ops = |cs: Vec<ConvBnAct>| cs.into_iter().map(|c| Op::Conv(cba(c))).collect();
+            let ops = |cs: Vec<ConvBnAct>| cs.into_iter().map(|c| Op::Conv(Box::new(cba(c)))).collect();
             plain(vec![
                 one(c.branch0),
                 Branch::split(ops(vec![c.branch1_0]), vec![cba(c.branch1_1a), cba(c.branch1_1b)]),

@@ -135,9 +135,32 @@ enum Cmd {
         /// Timed runs.
         #[arg(long, default_value_t = 10, value_parser = usize_range(1, 10_000))]
         runs: usize,
+        /// Arithmetic of inference: f32, or int8 (the fast engine quantized, calibrated on
+        /// synthetic images).
+        #[arg(long, default_value = "f32", value_parser = ["f32", "int8"])]
+        precision: String,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Post-training static int8 quantization: calibrate on images, write a self-describing
+    /// int8 model (per-channel int8 weights, uint8 activations) that classify, embed, eval,
+    /// serve and bench run on the fast engine.
+    Quantize {
+        #[command(flatten)]
+        src: Source,
+        /// Calibration images: a folder, or a dataset (`fashion-mnist`: its training split).
+        #[arg(long)]
+        calib: String,
+        /// How many calibration images (at least 100 recommended).
+        #[arg(long, default_value_t = 200, value_parser = usize_range(1, 100_000))]
+        images: usize,
+        /// Percentile of each activation's calibration values mapped to 255 (100 = maximum).
+        #[arg(long, default_value_t = 99.99, value_parser = args::percentile)]
+        percentile: f64,
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Train from scratch or fine-tune (the paper's recipe by default) on Fashion-MNIST or an
     /// image folder; checkpoints, metrics and the final EMA weights go to --out.
@@ -448,7 +471,7 @@ fn run(cli: Cli) -> Result<bool> {
     }
     let load = |src: &Source| -> Result<(Bundle, Predictor)> {
         let b = Bundle::load(src.model.map(|k| k.name()), src.weights.as_deref(), &dev)?;
-        let p = Predictor::new(b.model.clone(), engine, &dev);
+        let p = b.predictor(engine, &dev)?;
         Ok((b, p))
     };
     match cli.cmd {
@@ -507,8 +530,9 @@ fn run(cli: Cli) -> Result<bool> {
             }
             Ok(rows.iter().all(|r| r.ok))
         }
-        Cmd::Bench { model, batch, size, mode, threads, warmup, runs, json } => {
+        Cmd::Bench { model, batch, size, mode, threads, warmup, runs, precision, json } => {
             let mode = if mode == "train" { bench::BenchMode::Train } else { bench::BenchMode::Infer };
+            let precision = if precision == "int8" { bench::Precision::Int8 } else { bench::Precision::F32 };
             let cfg = bench::BenchConfig {
                 model,
                 mode,
@@ -519,6 +543,7 @@ fn run(cli: Cli) -> Result<bool> {
                 device: cli.device.clone(),
                 engine: if mode == bench::BenchMode::Train { EngineKind::Burn } else { engine },
                 threads,
+                precision,
             };
             let r = bench::run(&cfg, &dev)?;
             if json {
@@ -526,6 +551,26 @@ fn run(cli: Cli) -> Result<bool> {
             } else {
                 println!("{r}")
             }
+            Ok(true)
+        }
+        Cmd::Quantize { src, calib, images, percentile, out } => {
+            let b = Bundle::load(src.model.map(|k| k.name()), src.weights.as_deref(), &dev)?;
+            let pb = bar(images.div_ceil(8), "calibrating");
+            let r = commands::quantize(&b, &calib, images, percentile, &out, &mut |_| pb.inc(1))?;
+            pb.finish_and_clear();
+            for (path, why) in &r.skipped {
+                eprintln!("skipped {path}: {why}");
+            }
+            println!(
+                "wrote {} ({:.1} MiB): {} of {} convolutions int8, calibrated on {} images of {} (percentile {})",
+                r.out.display(),
+                r.bytes as f64 / (1u64 << 20) as f64,
+                r.config.int8_convs,
+                r.config.convs,
+                r.config.images,
+                r.config.calibration,
+                r.config.percentile
+            );
             Ok(true)
         }
         Cmd::Train { flags, out } => {

@@ -131,6 +131,7 @@ fn a_full_queue_answers_503_with_retry_after() {
         pre: ModelKind::InceptionResnetV2.pretrained().pre,
         classes: vec![],
         source: "test".into(),
+        int8: None,
     };
     let p = Predictor::new(m, EngineKind::Fast, &Device::flex());
     let r =

@@ -13,7 +13,7 @@
 //! assert!(faces[0].prob > 0.99);
 //! let crop = inception::faces::align::extract_face(&img, &faces[0].bbox, 160, 0.0).unwrap();
 //! assert_eq!(crop.dimensions(), (160, 160));
-//! // `FaceEmbedder::new(Bundle::load(None, Some(facenet_file), &device)?)` then embeds crops
+//! // `FaceEmbedder::new(Bundle::load(None, Some(facenet_file), &device)?)?` then embeds crops
 //! # Ok::<(), inception::Error>(())
 //! ```
 
@@ -102,9 +102,9 @@ pub struct FaceEmbedder {
 }
 
 impl FaceEmbedder {
-    pub fn new(bundle: Bundle) -> Self {
-        let predictor = Predictor::new(bundle.model, EngineKind::Fast, &Device::flex());
-        Self { predictor, pre: bundle.pre, source: bundle.source }
+    pub fn new(bundle: Bundle) -> Result<Self> {
+        let predictor = bundle.predictor(EngineKind::Fast, &Device::flex())?;
+        Ok(Self { predictor, pre: bundle.pre, source: bundle.source })
     }
 
     /// Load face weights as the CLI does: `weights` (a facenet-pytorch conversion or a file we
@@ -133,7 +133,7 @@ impl FaceEmbedder {
             )));
         }
         let kind = held.unwrap_or(crate::ModelKind::InceptionResnetV1);
-        Ok(Self::new(Bundle::load(Some(kind.name()), Some(path), &Device::flex())?))
+        Self::new(Bundle::load(Some(kind.name()), Some(path), &Device::flex())?)
     }
 
     /// Side of the square crops the network takes.

@@ -731,6 +731,21 @@ fn drive<K: Kernel>(
     }
 }
 
+/// `dst[i] = clamp(round(src[i] * inv), 0, 255)`, round half to even (the activations of the
+/// int8 GEMM).
+pub fn quantize_u8(src: &[f32], dst: &mut [u8], inv: f32) {
+    assert_eq!(src.len(), dst.len(), "quantize: lengths differ");
+    match Isa::detect() {
+        // SAFETY: AVX-512F present.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { avx512::quantize_u8(src, dst, inv) },
+        // SAFETY: AVX2 present.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { avx2::quantize_u8(src, dst, inv) },
+        _ => portable::quantize_u8(src, dst, inv),
+    }
+}
+
 /// `INCEPTION_PROFILE_GEMM=1`: print every GEMM's shape and time to stderr (see BENCHMARKS.md).
 fn profiling() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -887,6 +902,28 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn quantize_u8_rounds_half_to_even_and_clamps_on_every_kernel() {
+        let src: Vec<f32> = (0..100).map(|i| i as f32 * 0.5 - 5.0).chain([1e9, -1e9, 254.5, 255.5, 0.5, 1.5]).collect();
+        let want: Vec<u8> = src.iter().map(|v| v.clamp(0.0, 255.0).round_ties_even() as u8).collect();
+        let mut got = vec![0u8; src.len()];
+        portable::quantize_u8(&src, &mut got, 1.0);
+        assert_eq!(got, want);
+        #[cfg(target_arch = "x86_64")]
+        for isa in Isa::available() {
+            let mut got = vec![0u8; src.len()];
+            // SAFETY: the CPU has the kernel's instruction set.
+            unsafe {
+                match isa {
+                    Isa::Avx512 => avx512::quantize_u8(&src, &mut got, 1.0),
+                    Isa::Avx2 => avx2::quantize_u8(&src, &mut got, 1.0),
+                    Isa::Portable => portable::quantize_u8(&src, &mut got, 1.0),
+                }
+            }
+            assert_eq!(got, want, "{isa:?}");
         }
     }
 

@@ -1,0 +1,366 @@
+//! int8 inference: post-training static quantization of the fast engine.
+//!
+//! Scheme (BatchNorm already folded into the convolutions by `crate::lower`):
+//! - weights: per output channel, symmetric, int8 in `[-127, 127]`
+//!   (`w_scale[co] = max |w[., co]| / 127`, round half to even);
+//! - activations: per tensor, uint8 `[0, 255]` with zero point 0, one scale per convolution
+//!   input, from the `percentile` of the values seen on the calibration images (100: the
+//!   maximum). A convolution whose input ever goes negative on the calibration images (the RGB
+//!   stem, the IR-v2 head 1x1 after the last block, which has no ReLU) stays f32;
+//! - the sums are i32 (exact), dequantized in the GEMM's epilogue (`acc * x_scale * w_scale +
+//!   bias`), so bias, ReLU, the residual `x + scale * up` and the concatenations stay f32
+//!   exactly as in the f32 engine; each int8 convolution quantizes its input right before its
+//!   GEMM. Pools, the classifier and the facenet bottleneck stay f32.
+//!
+//! Files: `save` writes a self-describing safetensors file: the model's description, the
+//! quantization config, and per engine convolution `conv.{i}.weight_int8` `[kh*kw*cin4, cout]`,
+//! `weight_scale`, `input_scale` and `bias` (or `conv.{i}.weight` f32 where it stayed f32).
+//! `load_into` fills an engine lowered from the same model config.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rayon::prelude::*;
+use safetensors::Dtype;
+use safetensors::tensor::TensorView;
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{Act, Dense, Engine, Int8Tables};
+use crate::error::{Error, Result};
+
+/// Metadata key of a quantized file.
+pub const META_QUANT: &str = "quantization";
+
+/// How a model was quantized; written into the file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct QuantConfig {
+    /// Percentile of the calibration activations mapped to 255 (100 = the maximum).
+    pub percentile: f64,
+    /// Calibration images used.
+    pub images: usize,
+    /// Where they came from.
+    pub calibration: String,
+    /// Convolutions in the engine, and how many of them run int8.
+    pub convs: usize,
+    pub int8_convs: usize,
+    pub scheme: String,
+}
+
+pub const SCHEME: &str =
+    "int8 per-output-channel symmetric weights, uint8 per-tensor activations (zero point 0), i32 sums";
+
+/// Histogram bins of `ActStats`.
+const BINS: usize = 2048;
+
+/// What a convolution saw during calibration: the minimum, and a histogram of the values over
+/// `[0, hi)` whose range doubles (neighbouring bins merged) when a larger value arrives.
+#[derive(Clone, Debug, Default)]
+pub struct ActStats {
+    hist: Vec<u64>,
+    hi: f32,
+    min: f32,
+    count: u64,
+}
+
+impl ActStats {
+    pub fn observe(&mut self, v: &[f32]) {
+        if v.is_empty() {
+            return;
+        }
+        let (lo, max) = v
+            .par_chunks(1 << 14)
+            .map(|c| c.iter().fold((f32::INFINITY, 0.0f32), |(a, b), &x| (a.min(x), b.max(x))))
+            .reduce(|| (f32::INFINITY, 0.0f32), |(a, b), (c, d)| (a.min(c), b.max(d)));
+        if !(lo.is_finite() && max.is_finite()) {
+            // NaN / inf activations: nothing sensible to learn from them
+            return;
+        }
+        if self.hist.is_empty() {
+            self.hist = vec![0; BINS];
+            self.min = lo;
+        }
+        self.min = self.min.min(lo);
+        if max >= self.hi {
+            let mut hi = if self.hi > 0.0 { self.hi } else { max.max(f32::MIN_POSITIVE).next_up() };
+            while hi <= max {
+                hi *= 2.0;
+            }
+            let f = (hi / self.hi.max(f32::MIN_POSITIVE)).round() as usize;
+            if self.hi > 0.0 && f > 1 {
+                let mut merged = vec![0u64; BINS];
+                for (j, c) in self.hist.iter().enumerate() {
+                    merged[j / f] += c;
+                }
+                self.hist = merged;
+            }
+            self.hi = hi;
+        }
+        let inv = BINS as f32 / self.hi;
+        let hist = v
+            .par_chunks(1 << 14)
+            .map(|c| {
+                let mut h = vec![0u64; BINS];
+                for &x in c {
+                    h[((x.max(0.0) * inv) as usize).min(BINS - 1)] += 1;
+                }
+                h
+            })
+            .reduce(
+                || vec![0u64; BINS],
+                |mut a, b| {
+                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                    a
+                },
+            );
+        self.hist.iter_mut().zip(hist).for_each(|(x, y)| *x += y);
+        self.count += v.len() as u64;
+    }
+
+    /// The value below which `p` percent of the observations lie (upper edge of its bin).
+    pub fn percentile(&self, p: f64) -> f32 {
+        let want = (self.count as f64 * p / 100.0).ceil() as u64;
+        let mut acc = 0;
+        for (j, c) in self.hist.iter().enumerate() {
+            acc += c;
+            if acc >= want {
+                return (j + 1) as f32 * self.hi / BINS as f32;
+            }
+        }
+        self.hi
+    }
+
+    /// Did every observed value lie at or above zero?
+    pub fn non_negative(&self) -> bool {
+        self.count > 0 && self.min >= 0.0
+    }
+}
+
+/// `x` (`[pixels, c]` f32) as `[pixels, c4]` u8: `clamp(round(x / scale), 0, 255)` (round
+/// half to even), channels `c..c4` zero.
+pub fn quantize_u8(x: &[f32], c: usize, c4: usize, scale: f32) -> Vec<u8> {
+    let inv = 1.0 / scale;
+    let pixels = x.len() / c.max(1);
+    let mut q = vec![0u8; pixels * c4];
+    let rows = (1usize << 15).div_ceil(c4);
+    q.par_chunks_mut(c4 * rows).zip(x.par_chunks(c * rows)).for_each(|(dst, src)| {
+        if c == c4 {
+            crate::sgemm::quantize_u8(src, dst, inv);
+        } else {
+            for (d, s) in dst.chunks_exact_mut(c4).zip(src.chunks_exact(c)) {
+                crate::sgemm::quantize_u8(s, &mut d[..c], inv);
+            }
+        }
+    });
+    q
+}
+
+/// Per output channel symmetric int8 weights of `[k, cout]` f32 (taps x `cin` channels), with
+/// the channels of each tap padded to `cin4`.
+pub fn quantize_weights(w: &[f32], taps: usize, cin: usize, cout: usize, x_scale: f32) -> Int8Tables {
+    let cin4 = cin.next_multiple_of(4);
+    let mut w_scale = vec![0.0f32; cout];
+    for row in w.chunks_exact(cout) {
+        for (s, v) in w_scale.iter_mut().zip(row) {
+            *s = s.max(v.abs());
+        }
+    }
+    for s in w_scale.iter_mut() {
+        *s = if *s > 0.0 { *s / 127.0 } else { 1.0 };
+    }
+    let mut weight = vec![0i8; taps * cin4 * cout];
+    for t in 0..taps {
+        for ci in 0..cin {
+            let src = &w[(t * cin + ci) * cout..][..cout];
+            let dst = &mut weight[(t * cin4 + ci) * cout..][..cout];
+            for ((d, v), s) in dst.iter_mut().zip(src).zip(&w_scale) {
+                *d = (v / s).round_ties_even().clamp(-127.0, 127.0) as i8;
+            }
+        }
+    }
+    Int8Tables { weight, w_scale, x_scale }
+}
+
+/// Calibrate and quantize `engine` in place: run it on `batches` (NHWC inputs) recording every
+/// convolution's inputs, then give each convolution whose inputs stayed non-negative int8
+/// weights and the scale `percentile(inputs) / 255`. Returns the int8 tables (`None` where a
+/// convolution stays f32), in `Engine::convs_mut` order.
+pub fn quantize_engine(
+    engine: &mut Engine,
+    batches: &mut dyn Iterator<Item = Act>,
+    percentile: f64,
+    on_batch: &mut dyn FnMut(),
+) -> Result<Vec<Option<Int8Tables>>> {
+    if !(percentile > 50.0 && percentile <= 100.0) {
+        return Err(Error::Invalid(format!("percentile {percentile} is outside (50, 100]")));
+    }
+    let probes: Vec<Arc<Mutex<ActStats>>> = engine
+        .convs_mut()
+        .into_iter()
+        .map(|c| {
+            let p = Arc::new(Mutex::new(ActStats::default()));
+            c.set_probe(Some(p.clone()));
+            p
+        })
+        .collect();
+    let mut seen = 0;
+    for x in batches {
+        engine.forward_features(x);
+        seen += 1;
+        on_batch();
+    }
+    let mut convs = engine.convs_mut();
+    convs.iter_mut().for_each(|c| c.set_probe(None));
+    if seen == 0 {
+        return Err(Error::Invalid("no calibration images could be read".into()));
+    }
+    let mut tables = Vec::with_capacity(convs.len());
+    for (c, p) in convs.into_iter().zip(&probes) {
+        let stats = p.lock().unwrap_or_else(|e| e.into_inner());
+        let t = match (stats.non_negative(), c.weights_f32()) {
+            (true, Some(w)) => {
+                let clip = stats.percentile(percentile);
+                let x_scale = if clip > 0.0 { clip / 255.0 } else { 1.0 };
+                let t = quantize_weights(&w, c.kernel[0] * c.kernel[1], c.cin, c.cout, x_scale);
+                c.set_int8(&t);
+                Some(t)
+            }
+            _ => None,
+        };
+        tables.push(t);
+    }
+    Ok(tables)
+}
+
+/// Write the quantized engine: its int8 tables and the f32 rest, with `meta` (the model's
+/// description) and the quantization config.
+pub fn save(
+    path: &Path,
+    engine: &mut Engine,
+    tables: &[Option<Int8Tables>],
+    cfg: &QuantConfig,
+    mut meta: HashMap<String, String>,
+) -> Result<()> {
+    let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    for (i, (c, t)) in engine.convs_mut().into_iter().zip(tables).enumerate() {
+        let p = format!("conv.{i}");
+        match t {
+            Some(t) => {
+                let k = t.weight.len() / c.cout;
+                owned.push((
+                    format!("{p}.weight_int8"),
+                    Dtype::I8,
+                    vec![k, c.cout],
+                    t.weight.iter().map(|v| *v as u8).collect(),
+                ));
+                owned.push((format!("{p}.weight_scale"), Dtype::F32, vec![c.cout], f32s(&t.w_scale)));
+                owned.push((format!("{p}.input_scale"), Dtype::F32, vec![1], f32s(&[t.x_scale])));
+            }
+            None => {
+                let w = c.weights_f32().ok_or_else(|| Error::Invalid(format!("{p}: int8 without tables")))?;
+                owned.push((format!("{p}.weight"), Dtype::F32, vec![w.len() / c.cout, c.cout], f32s(&w)));
+            }
+        }
+        owned.push((format!("{p}.bias"), Dtype::F32, vec![c.cout], f32s(&c.b)));
+    }
+    for (name, d) in engine.dense_layers() {
+        let (w, b) = d.matrix();
+        owned.push((format!("{name}.weight"), Dtype::F32, vec![d.din(), d.dout()], f32s(&w)));
+        owned.push((format!("{name}.bias"), Dtype::F32, vec![d.dout()], f32s(&b)));
+    }
+    let views = owned
+        .iter()
+        .map(|(k, dt, shape, bytes)| {
+            TensorView::new(*dt, shape.clone(), bytes)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| Error::Invalid(format!("tensor '{k}': {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    meta.insert(META_QUANT.to_string(), serde_json::to_string(cfg).unwrap_or_default());
+    let bytes = safetensors::serialize(views, Some(meta))
+        .map_err(|e| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() })?;
+    crate::weights::write_atomic(path, &bytes)
+}
+
+/// The quantization config of a file's header, if it is a quantized file.
+pub fn config_of(path: &Path, header: &serde_json::Map<String, serde_json::Value>) -> Result<Option<QuantConfig>> {
+    let Some(v) = header.get("__metadata__").and_then(|m| m.get(META_QUANT)).and_then(|v| v.as_str()) else {
+        return Ok(None);
+    };
+    serde_json::from_str(v)
+        .map(Some)
+        .map_err(|e| Error::Invalid(format!("{}: bad '{META_QUANT}' metadata: {e}", path.display())))
+}
+
+/// Fill `engine` (lowered from the file's model config) with a quantized file's tables,
+/// checking every tensor's presence, shape, dtype and values.
+pub fn load_into(engine: &mut Engine, path: &Path, bytes: &[u8]) -> Result<()> {
+    let st = crate::weights::parse(path, bytes)?;
+    let shape_err = |key: &str, expected: Vec<usize>, found: &[usize]| Error::Shape {
+        path: path.to_path_buf(),
+        key: key.to_string(),
+        expected,
+        found: found.to_vec(),
+    };
+    let get = |key: &str, dtype: Dtype, shape: Vec<usize>| -> Result<Vec<u8>> {
+        let v = st.tensor(key).map_err(|_| Error::MissingTensor { path: path.to_path_buf(), key: key.to_string() })?;
+        if v.dtype() != dtype {
+            return Err(Error::Invalid(format!(
+                "{}: tensor '{key}' has dtype {:?}, expected {dtype:?}",
+                path.display(),
+                v.dtype()
+            )));
+        }
+        if v.shape() != shape.as_slice() {
+            return Err(shape_err(key, shape, v.shape()));
+        }
+        Ok(v.data().to_vec())
+    };
+    let floats = |key: &str, shape: Vec<usize>| -> Result<Vec<f32>> {
+        let b = get(key, Dtype::F32, shape)?;
+        let v: Vec<f32> = b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        match crate::weights::value_problem(key, &v) {
+            Some(p) => Err(Error::Invalid(format!("{}: {p}", path.display()))),
+            None => Ok(v),
+        }
+    };
+    let convs = engine.convs_mut();
+    let n = convs.len();
+    if st.names().iter().any(|k| {
+        k.strip_prefix("conv.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok())
+            .is_some_and(|i| i >= n)
+    }) {
+        return Err(Error::Invalid(format!("{}: holds more convolutions than the {n} of its model", path.display())));
+    }
+    for (i, c) in convs.into_iter().enumerate() {
+        let p = format!("conv.{i}");
+        let taps = c.kernel[0] * c.kernel[1];
+        let bias = floats(&format!("{p}.bias"), vec![c.cout])?;
+        if st.tensor(&format!("{p}.weight_int8")).is_ok() {
+            let k4 = taps * c.cin.next_multiple_of(4);
+            let weight =
+                get(&format!("{p}.weight_int8"), Dtype::I8, vec![k4, c.cout])?.into_iter().map(|v| v as i8).collect();
+            let w_scale = floats(&format!("{p}.weight_scale"), vec![c.cout])?;
+            let x_scale = floats(&format!("{p}.input_scale"), vec![1])?[0];
+            let positive = |v: f32| v.is_finite() && v > 0.0;
+            if !positive(x_scale) || !w_scale.iter().all(|s| positive(*s)) {
+                return Err(Error::Invalid(format!("{}: {p}: scales must be positive", path.display())));
+            }
+            c.set_f32(None, bias);
+            c.set_int8(&Int8Tables { weight, w_scale, x_scale });
+        } else {
+            let w = floats(&format!("{p}.weight"), vec![taps * c.cin, c.cout])?;
+            c.set_f32(Some(&w), bias);
+        }
+    }
+    for (name, d) in engine.dense_layers_mut() {
+        let (din, dout) = (d.din(), d.dout());
+        let w = floats(&format!("{name}.weight"), vec![din, dout])?;
+        let b = floats(&format!("{name}.bias"), vec![dout])?;
+        *d = Dense::new(&w, din, dout, b);
+    }
+    Ok(())
+}
