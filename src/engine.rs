@@ -65,6 +65,11 @@ impl Act {
     pub fn shape_nchw(&self) -> [usize; 4] {
         [self.n, self.c, self.h, self.w]
     }
+
+    /// The same shape, no data.
+    fn clone_shape(&self) -> Self {
+        Self { data: Vec::new(), ..*self }
+    }
 }
 
 /// How a convolution's result is written.
@@ -97,23 +102,28 @@ pub struct Conv {
 enum Weights {
     F32(PackedB),
     /// `[kh * kw * cin4, cout]` int8 with the input's channels padded to `cin4` (a multiple
-    /// of 4); the input is quantized to u8 with `x_scale` before the GEMM, whose i32 sums are
-    /// scaled per column by `col_scale = x_scale * w_scale`.
+    /// of 4); the input is quantized to u8 with `x_scale` and zero point `x_zero` before the
+    /// GEMM, whose i32 sums are scaled per column by `col_scale = x_scale * w_scale`; `bias`
+    /// is the convolution's bias less what the zero point adds (`col_scale * z * sum w`).
     Int8 {
         w: PackedQ,
         cin4: usize,
         x_scale: f32,
+        x_zero: u8,
         col_scale: Vec<f32>,
+        bias: Vec<f32>,
     },
 }
 
 /// An int8 convolution's tables as stored: weights `[kh * kw * cin4, cout]`, their
-/// per-channel scales, and the input's scale.
+/// per-channel scales, and the input's scale and zero point (0 for non-negative inputs; only
+/// unpadded convolutions take another, as padding must read as zero).
 #[derive(Clone, Debug)]
 pub struct Int8Tables {
     pub weight: Vec<i8>,
     pub w_scale: Vec<f32>,
     pub x_scale: f32,
+    pub x_zero: u8,
 }
 
 impl Conv {
@@ -174,8 +184,10 @@ impl Conv {
         let cin4 = self.cin.next_multiple_of(4);
         let k = self.kernel[0] * self.kernel[1] * cin4;
         let w = PackedQ::new(&t.weight, k, self.cout, &t.w_scale);
-        let col_scale = w.scale().iter().map(|s| s * t.x_scale).collect();
-        self.w = Weights::Int8 { w, cin4, x_scale: t.x_scale, col_scale };
+        let col_scale: Vec<f32> = w.scale().iter().map(|s| s * t.x_scale).collect();
+        let z = t.x_zero as f32;
+        let bias = self.b.iter().zip(&col_scale).zip(w.col_sums()).map(|((b, s), n)| b - s * z * *n as f32).collect();
+        self.w = Weights::Int8 { w, cin4, x_scale: t.x_scale, x_zero: t.x_zero, col_scale, bias };
     }
 
     /// Replace the bias, and the f32 weights (`[kh * kw * cin, cout]`) when given.
@@ -238,17 +250,19 @@ impl Conv {
             p.lock().unwrap_or_else(|e| e.into_inner()).observe(&x.data);
         }
         let (oh, ow) = self.out_hw(x.h, x.w);
+        let bias = match &self.w {
+            Weights::F32(_) => &self.b,
+            Weights::Int8 { bias, .. } => bias,
+        };
         let epi = match mode {
-            StoreMode::Store { relu } => sgemm::Epilogue { bias: Some(&self.b), alpha: 1.0, load: false, relu },
-            StoreMode::Residual { scale, relu } => {
-                sgemm::Epilogue { bias: Some(&self.b), alpha: scale, load: true, relu }
-            }
+            StoreMode::Store { relu } => sgemm::Epilogue { bias: Some(bias), alpha: 1.0, load: false, relu },
+            StoreMode::Residual { scale, relu } => sgemm::Epilogue { bias: Some(bias), alpha: scale, load: true, relu },
         };
         let m = x.n * oh * ow;
         match &self.w {
             Weights::F32(w) => sgemm::gemm(m, self.rows(&x.data, x, x.c), w, dst, ld, off, epi),
-            Weights::Int8 { w, cin4, x_scale, col_scale } => {
-                let q = quantize_u8(&x.data, x.c, *cin4, *x_scale);
+            Weights::Int8 { w, cin4, x_scale, x_zero, col_scale, .. } => {
+                let q = quantize_u8(&x.data, x.c, *cin4, *x_scale, *x_zero);
                 sgemm::qgemm(m, self.rows(&q, x, *cin4), w, col_scale, dst, ld, off, epi);
             }
         }
@@ -590,6 +604,9 @@ impl Dense {
     }
 }
 
+/// Called with each `feature_info` stage's output.
+pub type Tap<'a> = dyn FnMut(usize, &Act) + Send + 'a;
+
 /// A whole network, frozen for inference (built by `crate::lower`).
 #[derive(Clone, Debug)]
 pub struct Engine {
@@ -680,22 +697,65 @@ impl Engine {
     }
 
     /// Trunk, calling `tap(stage, &output)` at each `feature_info` stage end.
-    pub fn forward_features_tapped(&self, mut x: Act, tap: &mut (dyn FnMut(usize, &Act) + Send)) -> Act {
+    pub fn forward_features_tapped(&self, x: Act, tap: &mut (dyn FnMut(usize, &Act) + Send)) -> Act {
+        self.trunk(x, Some(tap))
+    }
+
+    pub fn forward_features(&self, x: Act) -> Act {
+        self.trunk(x, None)
+    }
+
+    /// The blocks in turn. Blocks on maps larger than `PER_IMAGE_PX` (the stem) run one image
+    /// at a time when batched: a whole batch of 147 x 147 maps is far larger than the caches.
+    fn trunk(&self, mut x: Act, mut tap: Option<&mut Tap<'_>>) -> Act {
+        const PER_IMAGE_PX: usize = 40 * 40;
+        let stage_of = |i: usize| self.stage_ends.iter().position(|&e| e == i);
         // Run the whole pass on a pool worker: each GEMM's tasks are then pushed to the local
         // queue instead of being injected from outside and waited for with a sleep/wake.
         rayon::scope(|_| {
-            for (i, b) in self.blocks.iter().enumerate() {
+            let mut i = 0;
+            if x.n > 1 && x.h * x.w > PER_IMAGE_PX {
+                let per = x.h * x.w * x.c;
+                let mut outs: Vec<Vec<Act>> = Vec::new();
+                let mut end = 0;
+                for img in x.data.chunks(per) {
+                    let mut y = Act { n: 1, h: x.h, w: x.w, c: x.c, data: img.to_vec() };
+                    let mut taps = Vec::new();
+                    let mut j = 0;
+                    while j < self.blocks.len() && y.h * y.w > PER_IMAGE_PX {
+                        y = self.blocks[j].run(y);
+                        if tap.is_some() && stage_of(j).is_some() {
+                            taps.push(y.clone());
+                        }
+                        j += 1;
+                    }
+                    taps.push(y);
+                    outs.push(taps);
+                    end = j;
+                }
+                // the batch again, stage by stage: images are the outermost NHWC dimension
+                let join = |k: usize, outs: &[Vec<Act>]| {
+                    let a = &outs[0][k];
+                    let mut data = Vec::with_capacity(a.data.len() * outs.len());
+                    outs.iter().for_each(|o| data.extend_from_slice(&o[k].data));
+                    Act { n: outs.len(), data, ..a.clone_shape() }
+                };
+                if let Some(t) = tap.as_mut() {
+                    for (k, s) in (0..end).filter_map(stage_of).enumerate() {
+                        t(s, &join(k, &outs));
+                    }
+                }
+                x = join(outs[0].len() - 1, &outs);
+                i = end;
+            }
+            for (j, b) in self.blocks.iter().enumerate().skip(i) {
                 x = b.run(x);
-                if let Some(s) = self.stage_ends.iter().position(|&e| e == i) {
-                    tap(s, &x);
+                if let (Some(t), Some(s)) = (tap.as_mut(), stage_of(j)) {
+                    t(s, &x);
                 }
             }
             x
         })
-    }
-
-    pub fn forward_features(&self, x: Act) -> Act {
-        self.forward_features_tapped(x, &mut |_, _| {})
     }
 
     /// Global average pool (+ facenet bottleneck): `[n, d]` row-major and `d`.

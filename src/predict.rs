@@ -115,11 +115,14 @@ impl Predictor {
             Predictor::Fast(e) => {
                 let n = shape[0];
                 let mut maps = Vec::new();
-                let f = e.forward_features_tapped(Act::from_nchw(x, shape), &mut |_, a| {
-                    if stages {
-                        maps.push(Output { shape: a.shape_nchw().to_vec(), data: a.to_nchw() });
-                    }
-                });
+                let x = Act::from_nchw(x, shape);
+                let f = if stages {
+                    e.forward_features_tapped(x, &mut |_, a| {
+                        maps.push(Output { shape: a.shape_nchw().to_vec(), data: a.to_nchw() })
+                    })
+                } else {
+                    e.forward_features(x)
+                };
                 let (pre, d) = e.pre_logits(&f);
                 let (logits, c) = e.logits(&pre, n);
                 let mut emb = pre.clone();

@@ -3,10 +3,12 @@
 //! Scheme (BatchNorm already folded into the convolutions by `crate::lower`):
 //! - weights: per output channel, symmetric, int8 in `[-127, 127]`
 //!   (`w_scale[co] = max |w[., co]| / 127`, round half to even);
-//! - activations: per tensor, uint8 `[0, 255]` with zero point 0, one scale per convolution
-//!   input, from the `percentile` of the values seen on the calibration images (100: the
-//!   maximum). A convolution whose input ever goes negative on the calibration images (the RGB
-//!   stem, the IR-v2 head 1x1 after the last block, which has no ReLU) stays f32;
+//! - activations: per tensor, uint8 `[0, 255]`, one grid per convolution input, from the
+//!   `percentile` of the values seen on the calibration images (100: the maximum): zero point 0
+//!   for inputs that never went negative (after a ReLU); for signed inputs (the RGB stem, the
+//!   IR-v2 head 1x1 after the last block, which has no ReLU) both tails' percentiles and the
+//!   zero point that puts 0.0 on the grid, which only unpadded convolutions can take (a padded
+//!   one whose input is signed stays f32);
 //! - the sums are i32 (exact), dequantized in the GEMM's epilogue (`acc * x_scale * w_scale +
 //!   bias`), so bias, ReLU, the residual `x + scale * up` and the concatenations stay f32
 //!   exactly as in the f32 engine; each int8 convolution quantizes its input right before its
@@ -14,7 +16,8 @@
 //!
 //! Files: `save` writes a self-describing safetensors file: the model's description, the
 //! quantization config, and per engine convolution `conv.{i}.weight_int8` `[kh*kw*cin4, cout]`,
-//! `weight_scale`, `input_scale` and `bias` (or `conv.{i}.weight` f32 where it stayed f32).
+//! `weight_scale`, `input_scale`, `input_zero` and `bias` (or `conv.{i}.weight` f32 where it
+//! stayed f32).
 //! `load_into` fills an engine lowered from the same model config.
 
 use std::collections::HashMap;
@@ -47,20 +50,83 @@ pub struct QuantConfig {
     pub scheme: String,
 }
 
-pub const SCHEME: &str =
-    "int8 per-output-channel symmetric weights, uint8 per-tensor activations (zero point 0), i32 sums";
+pub const SCHEME: &str = "int8 per-output-channel symmetric weights, uint8 per-tensor activations, i32 sums";
 
-/// Histogram bins of `ActStats`.
+/// Histogram bins of `Hist`.
 const BINS: usize = 2048;
 
-/// What a convolution saw during calibration: the minimum, and a histogram of the values over
-/// `[0, hi)` whose range doubles (neighbouring bins merged) when a larger value arrives.
+/// A histogram of non-negative values over `[0, hi)` whose range doubles (neighbouring bins
+/// merged) when a larger value arrives.
+#[derive(Clone, Debug, Default)]
+struct Hist {
+    bins: Vec<u64>,
+    hi: f32,
+    count: u64,
+}
+
+impl Hist {
+    /// Add `f(v)` (clamped at 0) of every value; `max` is the largest of them.
+    fn observe(&mut self, v: &[f32], max: f32, f: impl Fn(f32) -> f32 + Sync) {
+        if self.bins.is_empty() {
+            self.bins = vec![0; BINS];
+        }
+        if max >= self.hi {
+            let mut hi = if self.hi > 0.0 { self.hi } else { max.max(f32::MIN_POSITIVE).next_up() };
+            while hi <= max {
+                hi *= 2.0;
+            }
+            let k = (hi / self.hi.max(f32::MIN_POSITIVE)).round() as usize;
+            if self.hi > 0.0 && k > 1 {
+                let mut merged = vec![0u64; BINS];
+                for (j, c) in self.bins.iter().enumerate() {
+                    merged[j / k] += c;
+                }
+                self.bins = merged;
+            }
+            self.hi = hi;
+        }
+        let inv = BINS as f32 / self.hi;
+        let add = v
+            .par_chunks(1 << 14)
+            .map(|c| {
+                let mut h = vec![0u64; BINS];
+                for &x in c {
+                    h[((f(x).max(0.0) * inv) as usize).min(BINS - 1)] += 1;
+                }
+                h
+            })
+            .reduce(
+                || vec![0u64; BINS],
+                |mut a, b| {
+                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                    a
+                },
+            );
+        self.bins.iter_mut().zip(add).for_each(|(x, y)| *x += y);
+        self.count += v.len() as u64;
+    }
+
+    /// The value below which `p` percent of the observations lie (upper edge of its bin).
+    fn percentile(&self, p: f64) -> f32 {
+        let want = (self.count as f64 * p / 100.0).ceil() as u64;
+        let mut acc = 0;
+        for (j, c) in self.bins.iter().enumerate() {
+            acc += c;
+            if acc >= want {
+                return (j + 1) as f32 * self.hi / BINS as f32;
+            }
+        }
+        self.hi
+    }
+}
+
+/// What a convolution saw during calibration: histograms of its inputs' positive and negative
+/// parts.
 #[derive(Clone, Debug, Default)]
 pub struct ActStats {
-    hist: Vec<u64>,
-    hi: f32,
+    pos: Hist,
+    neg: Hist,
     min: f32,
-    count: u64,
 }
 
 impl ActStats {
@@ -76,79 +142,43 @@ impl ActStats {
             // NaN / inf activations: nothing sensible to learn from them
             return;
         }
-        if self.hist.is_empty() {
-            self.hist = vec![0; BINS];
-            self.min = lo;
-        }
-        self.min = self.min.min(lo);
-        if max >= self.hi {
-            let mut hi = if self.hi > 0.0 { self.hi } else { max.max(f32::MIN_POSITIVE).next_up() };
-            while hi <= max {
-                hi *= 2.0;
-            }
-            let f = (hi / self.hi.max(f32::MIN_POSITIVE)).round() as usize;
-            if self.hi > 0.0 && f > 1 {
-                let mut merged = vec![0u64; BINS];
-                for (j, c) in self.hist.iter().enumerate() {
-                    merged[j / f] += c;
-                }
-                self.hist = merged;
-            }
-            self.hi = hi;
-        }
-        let inv = BINS as f32 / self.hi;
-        let hist = v
-            .par_chunks(1 << 14)
-            .map(|c| {
-                let mut h = vec![0u64; BINS];
-                for &x in c {
-                    h[((x.max(0.0) * inv) as usize).min(BINS - 1)] += 1;
-                }
-                h
-            })
-            .reduce(
-                || vec![0u64; BINS],
-                |mut a, b| {
-                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                    a
-                },
-            );
-        self.hist.iter_mut().zip(hist).for_each(|(x, y)| *x += y);
-        self.count += v.len() as u64;
-    }
-
-    /// The value below which `p` percent of the observations lie (upper edge of its bin).
-    pub fn percentile(&self, p: f64) -> f32 {
-        let want = (self.count as f64 * p / 100.0).ceil() as u64;
-        let mut acc = 0;
-        for (j, c) in self.hist.iter().enumerate() {
-            acc += c;
-            if acc >= want {
-                return (j + 1) as f32 * self.hi / BINS as f32;
-            }
-        }
-        self.hi
+        self.min = if self.pos.count == 0 { lo } else { self.min.min(lo) };
+        self.pos.observe(v, max, |x| x);
+        self.neg.observe(v, (-lo).max(0.0), |x| -x);
     }
 
     /// Did every observed value lie at or above zero?
     pub fn non_negative(&self) -> bool {
-        self.count > 0 && self.min >= 0.0
+        self.pos.count > 0 && self.min >= 0.0
+    }
+
+    /// `(scale, zero point)` of the uint8 grid for these values: `[0, percentile]` with zero
+    /// point 0 when non-negative, else `[-percentile of the negatives, percentile]` and the
+    /// zero point that puts 0.0 on the grid.
+    pub fn grid(&self, p: f64) -> (f32, u8) {
+        let hi = self.pos.percentile(p);
+        if self.non_negative() {
+            return (if hi > 0.0 { hi / 255.0 } else { 1.0 }, 0);
+        }
+        let lo = -self.neg.percentile(p);
+        let s = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
+        (s, (-lo / s).round_ties_even().clamp(0.0, 255.0) as u8)
     }
 }
 
-/// `x` (`[pixels, c]` f32) as `[pixels, c4]` u8: `clamp(round(x / scale), 0, 255)` (round
-/// half to even), channels `c..c4` zero.
-pub fn quantize_u8(x: &[f32], c: usize, c4: usize, scale: f32) -> Vec<u8> {
-    let inv = 1.0 / scale;
+/// `x` (`[pixels, c]` f32) as `[pixels, c4]` u8: `clamp(round(x / scale) + zero, 0, 255)`
+/// (round half to even), channels `c..c4` zero (their weights are zero).
+pub fn quantize_u8(x: &[f32], c: usize, c4: usize, scale: f32, zero: u8) -> Vec<u8> {
+    let (inv, z) = (1.0 / scale, zero as f32);
     let pixels = x.len() / c.max(1);
     let mut q = vec![0u8; pixels * c4];
     let rows = (1usize << 15).div_ceil(c4);
     q.par_chunks_mut(c4 * rows).zip(x.par_chunks(c * rows)).for_each(|(dst, src)| {
         if c == c4 {
-            crate::sgemm::quantize_u8(src, dst, inv);
+            crate::sgemm::quantize_u8(src, dst, inv, z);
         } else {
             for (d, s) in dst.chunks_exact_mut(c4).zip(src.chunks_exact(c)) {
-                crate::sgemm::quantize_u8(s, &mut d[..c], inv);
+                crate::sgemm::quantize_u8(s, &mut d[..c], inv, z);
             }
         }
     });
@@ -157,7 +187,7 @@ pub fn quantize_u8(x: &[f32], c: usize, c4: usize, scale: f32) -> Vec<u8> {
 
 /// Per output channel symmetric int8 weights of `[k, cout]` f32 (taps x `cin` channels), with
 /// the channels of each tap padded to `cin4`.
-pub fn quantize_weights(w: &[f32], taps: usize, cin: usize, cout: usize, x_scale: f32) -> Int8Tables {
+pub fn quantize_weights(w: &[f32], taps: usize, cin: usize, cout: usize, (x_scale, x_zero): (f32, u8)) -> Int8Tables {
     let cin4 = cin.next_multiple_of(4);
     let mut w_scale = vec![0.0f32; cout];
     for row in w.chunks_exact(cout) {
@@ -178,7 +208,7 @@ pub fn quantize_weights(w: &[f32], taps: usize, cin: usize, cout: usize, x_scale
             }
         }
     }
-    Int8Tables { weight, w_scale, x_scale }
+    Int8Tables { weight, w_scale, x_scale, x_zero }
 }
 
 /// Calibrate and quantize `engine` in place: run it on `batches` (NHWC inputs) recording every
@@ -217,11 +247,10 @@ pub fn quantize_engine(
     let mut tables = Vec::with_capacity(convs.len());
     for (c, p) in convs.into_iter().zip(&probes) {
         let stats = p.lock().unwrap_or_else(|e| e.into_inner());
-        let t = match (stats.non_negative(), c.weights_f32()) {
-            (true, Some(w)) => {
-                let clip = stats.percentile(percentile);
-                let x_scale = if clip > 0.0 { clip / 255.0 } else { 1.0 };
-                let t = quantize_weights(&w, c.kernel[0] * c.kernel[1], c.cin, c.cout, x_scale);
+        // a signed input takes a zero point, which padding (read as 0) would contradict
+        let t = match (stats.non_negative() || c.pad == [0, 0], c.weights_f32()) {
+            (true, Some(w)) if stats.pos.count > 0 => {
+                let t = quantize_weights(&w, c.kernel[0] * c.kernel[1], c.cin, c.cout, stats.grid(percentile));
                 c.set_int8(&t);
                 Some(t)
             }
@@ -256,6 +285,7 @@ pub fn save(
                 ));
                 owned.push((format!("{p}.weight_scale"), Dtype::F32, vec![c.cout], f32s(&t.w_scale)));
                 owned.push((format!("{p}.input_scale"), Dtype::F32, vec![1], f32s(&[t.x_scale])));
+                owned.push((format!("{p}.input_zero"), Dtype::U8, vec![1], vec![t.x_zero]));
             }
             None => {
                 let w = c.weights_f32().ok_or_else(|| Error::Invalid(format!("{p}: int8 without tables")))?;
@@ -345,12 +375,19 @@ pub fn load_into(engine: &mut Engine, path: &Path, bytes: &[u8]) -> Result<()> {
                 get(&format!("{p}.weight_int8"), Dtype::I8, vec![k4, c.cout])?.into_iter().map(|v| v as i8).collect();
             let w_scale = floats(&format!("{p}.weight_scale"), vec![c.cout])?;
             let x_scale = floats(&format!("{p}.input_scale"), vec![1])?[0];
+            let x_zero = get(&format!("{p}.input_zero"), Dtype::U8, vec![1])?[0];
+            if x_zero != 0 && c.pad != [0, 0] {
+                return Err(Error::Invalid(format!(
+                    "{}: {p}: a padded convolution needs input zero point 0",
+                    path.display()
+                )));
+            }
             let positive = |v: f32| v.is_finite() && v > 0.0;
             if !positive(x_scale) || !w_scale.iter().all(|s| positive(*s)) {
                 return Err(Error::Invalid(format!("{}: {p}: scales must be positive", path.display())));
             }
             c.set_f32(None, bias);
-            c.set_int8(&Int8Tables { weight, w_scale, x_scale });
+            c.set_int8(&Int8Tables { weight, w_scale, x_scale, x_zero });
         } else {
             let w = floats(&format!("{p}.weight"), vec![taps * c.cin, c.cout])?;
             c.set_f32(Some(&w), bias);

@@ -7,6 +7,9 @@ the timm model), same threads and shapes. Prints one JSON object per line. Dev t
 Fairness: torch and ORT both get `--threads` intra-op threads (inter-op 1); flush-to-zero /
 denormals-are-zero is switched on in torch (`torch.set_flush_denormal(True)`) and recorded;
 BatchNorm statistics are made non-trivial (as in the Rust bench the activations stay O(1)).
+`ort_int8`: ONNX Runtime on the model quantized by `onnxruntime.quantization.quantize_static`
+(QDQ, per-channel int8 weights, uint8 activations, Percentile 99.99 calibration on the same 16
+synthetic images `inception bench --precision int8` calibrates on).
 OpenVINO runs f32 (`INFERENCE_PRECISION_HINT=f32`: on CPUs with AVX512-BF16 it would otherwise
 pick bf16) with the LATENCY hint at batch 1 and THROUGHPUT at larger batches (its streams then
 share the threads; a run is as many requests as it asks for, the time per batch reported).
@@ -74,7 +77,8 @@ def main():
     ap.add_argument("--size", type=int, default=299)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--mode", choices=["infer", "train"], default="infer")
-    ap.add_argument("--systems", nargs="*", default=["torch", "torch_cl", "ort", "openvino"])
+    ap.add_argument("--systems", nargs="*", default=["torch", "torch_cl", "ort", "openvino"],
+                    help="torch torch_cl ort openvino ort_int8")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--runs", type=int, default=10)
     args = ap.parse_args()
@@ -106,7 +110,7 @@ def main():
             report("torch_channels_last", args, timed(lambda: mc(xc), args.warmup, args.runs))
         m = m.to(memory_format=torch.contiguous_format)
     path = os.path.join(tempfile.gettempdir(), f"{args.model}_{args.size}.onnx")
-    if ("ort" in args.systems or "openvino" in args.systems) and not os.path.exists(path):
+    if {"ort", "openvino", "ort_int8"} & set(args.systems) and not os.path.exists(path):
         with torch.no_grad():
             torch.onnx.export(m, (x,), path, input_names=["x"], output_names=["y"],
                               dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, dynamo=False)
@@ -122,6 +126,47 @@ def main():
                {"onnxruntime": ort.__version__})
     if "openvino" in args.systems:
         openvino(args, path, x.numpy())
+    if "ort_int8" in args.systems:
+        ort_int8(args, path, x.numpy())
+
+
+def calibration_images(size):
+    """The 16 synthetic images `inception bench --precision int8` calibrates on (4 batches of 4)."""
+    import numpy as np
+    per = 3 * size * size
+    i = np.arange(16 * per, dtype=np.int64)
+    return (((i * 7919) % 2001).astype(np.float32) / 1000.0 - 1.0).reshape(16, 3, size, size)
+
+
+def ort_int8(args, path, xn):
+    import onnxruntime as ort
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    qpath = path.replace(".onnx", "_int8.onnx")
+    if not os.path.exists(qpath):
+        pre = path.replace(".onnx", "_pre.onnx")
+        quant_pre_process(path, pre)
+        imgs = calibration_images(args.size)
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.it = iter([{"x": imgs[i:i + 1]} for i in range(len(imgs))])
+
+            def get_next(self):
+                return next(self.it, None)
+
+        quantize_static(pre, qpath, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.Percentile,
+                        extra_options={"CalibPercentile": 99.99})
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = args.threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(qpath, so, providers=["CPUExecutionProvider"])
+    report("onnxruntime_int8", args, timed(lambda: sess.run(None, {"x": xn}), args.warmup, args.runs),
+           {"onnxruntime": ort.__version__, "quantization": "QDQ per-channel s8 weights, u8 activations, percentile 99.99"})
 
 
 def openvino(args, path, xn):

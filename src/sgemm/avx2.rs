@@ -27,18 +27,19 @@ pub(super) unsafe fn fma_loop(iters: usize) -> f32 {
     out.iter().sum()
 }
 
-/// `dst = clamp(round(src * inv), 0, 255)`, round half to even (the default rounding of
+/// `dst = clamp(round(src * inv + zero), 0, 255)`, round half to even (the default rounding of
 /// `vcvtps2dq`), 8 at a time.
 ///
 /// # Safety
 /// AVX2 available.
 #[target_feature(enable = "avx2")]
-pub(super) unsafe fn quantize_u8(src: &[f32], dst: &mut [u8], inv: f32) {
+pub(super) unsafe fn quantize_u8(src: &[f32], dst: &mut [u8], inv: f32, zero: f32) {
     let n8 = src.len() / 8 * 8;
     unsafe {
-        let (s, lo, hi) = (_mm256_set1_ps(inv), _mm256_setzero_ps(), _mm256_set1_ps(255.0));
+        let (s, z, lo, hi) = (_mm256_set1_ps(inv), _mm256_set1_ps(zero), _mm256_setzero_ps(), _mm256_set1_ps(255.0));
         for i in (0..n8).step_by(8) {
-            let y = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_loadu_ps(src.as_ptr().add(i)), s), lo), hi);
+            let y = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(src.as_ptr().add(i)), s), z);
+            let y = _mm256_min_ps(_mm256_max_ps(y, lo), hi);
             let v = _mm256_cvtps_epi32(y);
             // 8 i32 in [0, 255] -> 8 bytes
             let w = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
@@ -46,7 +47,7 @@ pub(super) unsafe fn quantize_u8(src: &[f32], dst: &mut [u8], inv: f32) {
             _mm_storel_epi64(dst.as_mut_ptr().add(i).cast(), b);
         }
     }
-    super::portable::quantize_u8(&src[n8..], &mut dst[n8..], inv);
+    super::portable::quantize_u8(&src[n8..], &mut dst[n8..], inv, zero);
 }
 
 /// `y = act(load·C + alpha·v)` stored to 8 floats at `p`.

@@ -25,23 +25,24 @@ pub(super) unsafe fn fma_loop(iters: usize) -> f32 {
     _mm512_reduce_add_ps(sum)
 }
 
-/// `dst = clamp(round(src * inv), 0, 255)`, round half to even (the default rounding of
+/// `dst = clamp(round(src * inv + zero), 0, 255)`, round half to even (the default rounding of
 /// `vcvtps2dq`), 16 at a time.
 ///
 /// # Safety
 /// AVX-512F available.
 #[target_feature(enable = "avx512f")]
-pub(super) unsafe fn quantize_u8(src: &[f32], dst: &mut [u8], inv: f32) {
+pub(super) unsafe fn quantize_u8(src: &[f32], dst: &mut [u8], inv: f32, zero: f32) {
     let n16 = src.len() / 16 * 16;
     unsafe {
-        let (s, lo, hi) = (_mm512_set1_ps(inv), _mm512_setzero_ps(), _mm512_set1_ps(255.0));
+        let (s, z, lo, hi) = (_mm512_set1_ps(inv), _mm512_set1_ps(zero), _mm512_setzero_ps(), _mm512_set1_ps(255.0));
         for i in (0..n16).step_by(16) {
-            let y = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(src.as_ptr().add(i)), s), lo), hi);
+            let y = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(src.as_ptr().add(i)), s), z);
+            let y = _mm512_min_ps(_mm512_max_ps(y, lo), hi);
             let b = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(y));
             _mm_storeu_si128(dst.as_mut_ptr().add(i).cast(), b);
         }
     }
-    super::portable::quantize_u8(&src[n16..], &mut dst[n16..], inv);
+    super::portable::quantize_u8(&src[n16..], &mut dst[n16..], inv, zero);
 }
 
 /// f32, up to 4 panels per call.

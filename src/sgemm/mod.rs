@@ -32,7 +32,7 @@ const NR: usize = 16;
 /// run over it; the AVX-512 kernels read four panels at once, so they take half (and every
 /// int8 kernel the same, so that int8 results do not depend on the CPU).
 const KC: usize = 256;
-const KC_WIDE: usize = 128;
+const KC_WIDE: usize = 512;
 const MC: usize = 72;
 /// Up to this many column panels per task, loop strips outside panels.
 const FEW_PANELS: usize = 4;
@@ -147,6 +147,7 @@ pub struct PackedQ {
     p: Panels,
     /// Per-column scale of the packed integers (the given scales, x2 where halved).
     scale: Vec<f32>,
+    sums: Vec<i32>,
     isa: QIsa,
 }
 
@@ -163,23 +164,31 @@ impl PackedQ {
         let mut p = Panels::zeros(k / 4, n, KC_WIDE);
         let mut data = std::mem::take(&mut p.data);
         let bytes = data.bytes_mut();
+        let mut sums = vec![0i32; n];
         p.layout(|s, c0, cols, line| {
             for j in 0..cols {
                 for t in 0..4 {
                     let v = w[(4 * s + t) * n + c0 + j];
                     let v = if half { (v as f32 / 2.0).round_ties_even() as i8 } else { v };
                     bytes[line * 64 + 4 * j + t] = v as u8;
+                    sums[c0 + j] += v as i32;
                 }
             }
         });
         p.data = data;
         let scale = scale.iter().map(|s| if half { s * 2.0 } else { *s }).collect();
-        Self { p, scale, isa }
+        Self { p, scale, sums, isa }
     }
 
     /// Per-column scale of the integers as packed.
     pub fn scale(&self) -> &[f32] {
         &self.scale
+    }
+
+    /// Per-column sums of the integers as packed (for an input zero point: `sum (q - z) w =
+    /// sum q w - z sum w`).
+    pub fn col_sums(&self) -> &[i32] {
+        &self.sums
     }
 
     pub fn k(&self) -> usize {
@@ -290,8 +299,8 @@ pub trait Elem: Copy + Default + Send + Sync + 'static {
     fn rows(s: &mut Scratch) -> &mut Vec<Self>;
 }
 
-static ZEROS_F32: [f32; KC] = [0.0; KC];
-static ZEROS_U8: [u8; 4 * KC] = [0; 4 * KC];
+static ZEROS_F32: [f32; 512] = [0.0; 512];
+static ZEROS_U8: [u8; 4 * 512] = [0; 4 * 512];
 
 impl Elem for f32 {
     const STEP: usize = 1;
@@ -731,18 +740,18 @@ fn drive<K: Kernel>(
     }
 }
 
-/// `dst[i] = clamp(round(src[i] * inv), 0, 255)`, round half to even (the activations of the
-/// int8 GEMM).
-pub fn quantize_u8(src: &[f32], dst: &mut [u8], inv: f32) {
+/// `dst[i] = clamp(round(src[i] * inv) + zero, 0, 255)`, round half to even (the activations
+/// of the int8 GEMM; `zero` a whole number).
+pub fn quantize_u8(src: &[f32], dst: &mut [u8], inv: f32, zero: f32) {
     assert_eq!(src.len(), dst.len(), "quantize: lengths differ");
     match Isa::detect() {
         // SAFETY: AVX-512F present.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { avx512::quantize_u8(src, dst, inv) },
+        Isa::Avx512 => unsafe { avx512::quantize_u8(src, dst, inv, zero) },
         // SAFETY: AVX2 present.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { avx2::quantize_u8(src, dst, inv) },
-        _ => portable::quantize_u8(src, dst, inv),
+        Isa::Avx2 => unsafe { avx2::quantize_u8(src, dst, inv, zero) },
+        _ => portable::quantize_u8(src, dst, inv, zero),
     }
 }
 
@@ -908,22 +917,24 @@ mod tests {
     #[test]
     fn quantize_u8_rounds_half_to_even_and_clamps_on_every_kernel() {
         let src: Vec<f32> = (0..100).map(|i| i as f32 * 0.5 - 5.0).chain([1e9, -1e9, 254.5, 255.5, 0.5, 1.5]).collect();
-        let want: Vec<u8> = src.iter().map(|v| v.clamp(0.0, 255.0).round_ties_even() as u8).collect();
-        let mut got = vec![0u8; src.len()];
-        portable::quantize_u8(&src, &mut got, 1.0);
-        assert_eq!(got, want);
-        #[cfg(target_arch = "x86_64")]
-        for isa in Isa::available() {
+        for zero in [0.0f32, 3.0] {
+            let want: Vec<u8> = src.iter().map(|v| (v + zero).clamp(0.0, 255.0).round_ties_even() as u8).collect();
             let mut got = vec![0u8; src.len()];
-            // SAFETY: the CPU has the kernel's instruction set.
-            unsafe {
-                match isa {
-                    Isa::Avx512 => avx512::quantize_u8(&src, &mut got, 1.0),
-                    Isa::Avx2 => avx2::quantize_u8(&src, &mut got, 1.0),
-                    Isa::Portable => portable::quantize_u8(&src, &mut got, 1.0),
+            portable::quantize_u8(&src, &mut got, 1.0, zero);
+            assert_eq!(got, want);
+            #[cfg(target_arch = "x86_64")]
+            for isa in Isa::available() {
+                let mut got = vec![0u8; src.len()];
+                // SAFETY: the CPU has the kernel's instruction set.
+                unsafe {
+                    match isa {
+                        Isa::Avx512 => avx512::quantize_u8(&src, &mut got, 1.0, zero),
+                        Isa::Avx2 => avx2::quantize_u8(&src, &mut got, 1.0, zero),
+                        Isa::Portable => portable::quantize_u8(&src, &mut got, 1.0, zero),
+                    }
                 }
+                assert_eq!(got, want, "{isa:?}");
             }
-            assert_eq!(got, want, "{isa:?}");
         }
     }
 

@@ -106,10 +106,10 @@ pub(super) fn dequantize(acc: &[i32; MR * NR], cols: usize, e: &TileEpi<'_>) -> 
     f
 }
 
-/// `dst = clamp(round(src * inv), 0, 255)`, round half to even.
-pub(super) fn quantize_u8(src: &[f32], dst: &mut [u8], inv: f32) {
+/// `dst = clamp(round(src * inv + zero), 0, 255)`, round half to even.
+pub(super) fn quantize_u8(src: &[f32], dst: &mut [u8], inv: f32, zero: f32) {
     for (d, v) in dst.iter_mut().zip(src) {
-        *d = (v * inv).clamp(0.0, 255.0).round_ties_even() as u8;
+        *d = (v * inv + zero).clamp(0.0, 255.0).round_ties_even() as u8;
     }
 }
 
