@@ -214,13 +214,6 @@ impl Conv {
         (oh * ow * self.cout * self.cin * self.kernel[0] * self.kernel[1]) as u64
     }
 
-    fn out_hw(&self, h: usize, w: usize) -> (usize, usize) {
-        (
-            (h + 2 * self.pad[0] - self.kernel[0]) / self.stride + 1,
-            (w + 2 * self.pad[1] - self.kernel[1]) / self.stride + 1,
-        )
-    }
-
     fn is_pointwise(&self) -> bool {
         self.kernel == [1, 1] && self.stride == 1
     }
@@ -316,19 +309,50 @@ fn avg_pool(x: &Act) -> Act {
     y
 }
 
+/// The geometry of a convolution, all the block structure needs to know of it (the frozen
+/// `Conv` here, the training engine's convolution in `crate::train::engine`).
+pub trait ConvShape {
+    fn kernel(&self) -> [usize; 2];
+    fn stride(&self) -> usize;
+    fn pad(&self) -> [usize; 2];
+    fn cout(&self) -> usize;
+
+    fn out_hw(&self, h: usize, w: usize) -> (usize, usize) {
+        let ([kh, kw], s, [ph, pw]) = (self.kernel(), self.stride(), self.pad());
+        ((h + 2 * ph - kh) / s + 1, (w + 2 * pw - kw) / s + 1)
+    }
+}
+
+impl ConvShape for Conv {
+    fn kernel(&self) -> [usize; 2] {
+        self.kernel
+    }
+    fn stride(&self) -> usize {
+        self.stride
+    }
+    fn pad(&self) -> [usize; 2] {
+        self.pad
+    }
+    fn cout(&self) -> usize {
+        self.cout
+    }
+}
+
+/// One step of a branch: a convolution, the 3x3/2 max pool or the 3x3/1 average pool
+/// (padding excluded).
 #[derive(Clone, Debug)]
-pub enum Op {
-    Conv(Box<Conv>),
+pub enum Op<C = Conv> {
+    Conv(Box<C>),
     MaxPool,
     AvgPool,
 }
 
-impl Op {
-    fn out_shape(&self, h: usize, w: usize, c: usize) -> (usize, usize, usize) {
+impl<C: ConvShape> Op<C> {
+    pub(crate) fn out_shape(&self, h: usize, w: usize, c: usize) -> (usize, usize, usize) {
         match self {
             Op::Conv(conv) => {
                 let (oh, ow) = conv.out_hw(h, w);
-                (oh, ow, conv.cout)
+                (oh, ow, conv.cout())
             }
             Op::MaxPool => ((h - 3) / 2 + 1, (w - 3) / 2 + 1, c),
             Op::AvgPool => (h, w, c),
@@ -338,28 +362,37 @@ impl Op {
 
 /// A chain of ops; its output is the last op's, or (Inception-C's split branches) the
 /// concatenation of `tails` applied to the chain's output.
-#[derive(Clone, Debug, Default)]
-pub struct Branch {
-    ops: Vec<Op>,
-    tails: Vec<Conv>,
+#[derive(Clone, Debug)]
+pub struct Branch<C = Conv> {
+    pub(crate) ops: Vec<Op<C>>,
+    pub(crate) tails: Vec<C>,
 }
 
-impl Branch {
+impl<C> Branch<C> {
     /// A chain of ops.
-    pub fn new(ops: Vec<Op>) -> Self {
+    pub fn new(ops: Vec<Op<C>>) -> Self {
         Self { ops, tails: vec![] }
     }
     /// A chain whose output feeds several convolutions, concatenated.
-    pub fn split(ops: Vec<Op>, tails: Vec<Conv>) -> Self {
+    pub fn split(ops: Vec<Op<C>>, tails: Vec<C>) -> Self {
         Self { ops, tails }
     }
-    pub fn convs(convs: Vec<Conv>) -> Self {
+    pub fn convs(convs: Vec<C>) -> Self {
         Self::new(convs.into_iter().map(|c| Op::Conv(Box::new(c))).collect())
     }
     pub fn max_pool() -> Self {
         Self::new(vec![Op::MaxPool])
     }
+}
 
+impl<C: ConvShape> Branch<C> {
+    pub(crate) fn out_shape(&self, h: usize, w: usize, c: usize) -> (usize, usize, usize) {
+        let (h, w, c) = self.ops.iter().fold((h, w, c), |(h, w, c), op| op.out_shape(h, w, c));
+        if self.tails.is_empty() { (h, w, c) } else { (h, w, self.tails.iter().map(|t| t.cout()).sum()) }
+    }
+}
+
+impl Branch {
     /// Multiply-accumulates and output shape on an `h x w x c` input, batch 1.
     fn macs(&self, h: usize, w: usize, c: usize) -> (u64, (usize, usize, usize)) {
         let mut total = 0;
@@ -373,11 +406,6 @@ impl Branch {
         total += self.tails.iter().map(|t| t.macs(h, w)).sum::<u64>();
         let c = if self.tails.is_empty() { c } else { self.tails.iter().map(|t| t.cout).sum() };
         (total, (h, w, c))
-    }
-
-    fn out_shape(&self, h: usize, w: usize, c: usize) -> (usize, usize, usize) {
-        let (h, w, c) = self.ops.iter().fold((h, w, c), |(h, w, c), op| op.out_shape(h, w, c));
-        if self.tails.is_empty() { (h, w, c) } else { (h, w, self.tails.iter().map(|t| t.cout).sum()) }
     }
 
     fn run_into(&self, x: &Act, dst: &mut [f32], ld: usize, off: usize) {
@@ -424,8 +452,8 @@ struct Merged1x1 {
 /// The residual wrapper of a block: `x + scale * up(cat)` (or `up(cat)` without shortcut),
 /// then ReLU if asked.
 #[derive(Clone, Debug)]
-pub struct Residual {
-    pub up: Conv,
+pub struct Residual<C = Conv> {
+    pub up: C,
     pub scale: f32,
     pub relu: bool,
     /// `false`: no shortcut, the plain counterpart of the block.

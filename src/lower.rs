@@ -10,8 +10,7 @@ use burn::nn::{BatchNorm, Linear, PaddingConfig2d};
 use burn::tensor::Tensor;
 
 use crate::engine::{Block, Branch, Conv, Dense, Engine, Op, Residual};
-use crate::layers::{BN_EPS, ConvBnAct, FourBranch, Layer};
-use crate::models::inception_resnet::ResBlock;
+use crate::layers::{BN_EPS, ConvBnAct, Layer};
 use crate::models::{Head, Model, Part};
 
 fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
@@ -45,71 +44,80 @@ fn conv(c: &Conv2d, bn: Option<&BatchNorm>, relu: bool) -> Conv {
     Conv::new(&param(&c.weight), dims, c.stride[0], pad, &scale, bias, relu)
 }
 
-fn cba(c: ConvBnAct) -> Conv {
-    conv(&c.conv, Some(&c.bn), c.act)
+/// A convolution of a trunk part as the lowering sees it: its module, the BatchNorm after it
+/// (`None`: its own bias, or none) and whether a ReLU follows.
+pub struct ConvSrc<'a> {
+    pub conv: &'a Conv2d,
+    pub bn: Option<&'a BatchNorm>,
+    pub relu: bool,
 }
 
-fn chain(cs: Vec<ConvBnAct>) -> Branch {
-    Branch::convs(cs.into_iter().map(cba).collect())
+/// A trunk part as parallel branches (concatenated) with an optional residual wrapper: the
+/// structure both executors are built from, with the convolutions made by `mk` (the fast
+/// engine folds BatchNorm into them; the training engine keeps it).
+pub type Lowered<C> = (Vec<Branch<C>>, Option<Residual<C>>);
+
+/// The branch structure of one trunk part (paper figures: see the model files).
+pub fn part<C>(p: Part, mk: &mut dyn FnMut(ConvSrc<'_>) -> C) -> Vec<Lowered<C>> {
+    let plain = |b| vec![(b, None)];
+    let one = |mk: &mut dyn FnMut(ConvSrc<'_>) -> C, c| Branch::convs(vec![cba(mk, c)]);
+    match p {
+        Part::Conv(c) => plain(vec![one(mk, c)]),
+        Part::MaxPool => plain(vec![Branch::max_pool()]),
+        Part::Mixed3a(m) => plain(vec![Branch::max_pool(), one(mk, m.conv)]),
+        Part::Mixed4a(m) => plain(vec![chain(mk, m.branch0), chain(mk, m.branch1)]),
+        Part::Mixed5a(m) => plain(vec![one(mk, m.conv), Branch::max_pool()]),
+        Part::FourBranch(b) => {
+            plain(vec![one(mk, b.branch0), chain(mk, b.branch1), chain(mk, b.branch2), layers(mk, b.branch3)])
+        }
+        Part::ReductionA(r) => plain(vec![one(mk, r.branch0), chain(mk, r.branch1), Branch::max_pool()]),
+        Part::ReductionB(r) => plain(vec![chain(mk, r.branch0), chain(mk, r.branch1), Branch::max_pool()]),
+        Part::IrReductionB(r) => {
+            plain(vec![chain(mk, r.branch0), chain(mk, r.branch1), chain(mk, r.branch2), Branch::max_pool()])
+        }
+        Part::InceptionC(c) => {
+            // Fig. 6: branches 1 and 2 split into a 1x3 and a 3x1 at their ends
+            let b0 = one(mk, c.branch0);
+            let ops1 = vec![Op::Conv(Box::new(cba(mk, c.branch1_0)))];
+            let b1 = Branch::split(ops1, vec![cba(mk, c.branch1_1a), cba(mk, c.branch1_1b)]);
+            let ops2 =
+                [c.branch2_0, c.branch2_1, c.branch2_2].into_iter().map(|c| Op::Conv(Box::new(cba(mk, c)))).collect();
+            let b2 = Branch::split(ops2, vec![cba(mk, c.branch2_3a), cba(mk, c.branch2_3b)]);
+            plain(vec![b0, b1, b2, layers(mk, c.branch3)])
+        }
+        Part::Residual(blocks) => {
+            let mut out = Vec::with_capacity(blocks.len());
+            for r in blocks {
+                let mut branches = vec![one(mk, r.branch0), chain(mk, r.branch1)];
+                if !r.branch2.is_empty() {
+                    branches.push(chain(mk, r.branch2));
+                }
+                let up = mk(ConvSrc { conv: &r.conv2d, bn: r.bn.as_ref(), relu: false });
+                out.push((branches, Some(Residual { up, scale: r.scale as f32, relu: r.act, shortcut: r.shortcut })));
+            }
+            out
+        }
+    }
 }
 
-fn one(c: ConvBnAct) -> Branch {
-    chain(vec![c])
+fn cba<C>(mk: &mut dyn FnMut(ConvSrc<'_>) -> C, c: ConvBnAct) -> C {
+    mk(ConvSrc { conv: &c.conv, bn: Some(&c.bn), relu: c.act })
 }
 
-fn layers(ls: Vec<Layer>) -> Branch {
+fn chain<C>(mk: &mut dyn FnMut(ConvSrc<'_>) -> C, cs: Vec<ConvBnAct>) -> Branch<C> {
+    Branch::convs(cs.into_iter().map(|c| cba(mk, c)).collect())
+}
+
+fn layers<C>(mk: &mut dyn FnMut(ConvSrc<'_>) -> C, ls: Vec<Layer>) -> Branch<C> {
     Branch::new(
         ls.into_iter()
             .map(|l| match l {
-                Layer::Conv(c) => Op::Conv(Box::new(cba(c))),
+                Layer::Conv(c) => Op::Conv(Box::new(cba(mk, c))),
                 Layer::MaxPool(_) => Op::MaxPool,
                 Layer::AvgPool(_) => Op::AvgPool,
             })
             .collect(),
     )
-}
-
-fn four_branch(b: FourBranch) -> Vec<Branch> {
-    vec![one(b.branch0), chain(b.branch1), chain(b.branch2), layers(b.branch3)]
-}
-
-fn residual(r: ResBlock) -> Block {
-    let mut branches = vec![one(r.branch0), chain(r.branch1)];
-    if !r.branch2.is_empty() {
-        branches.push(chain(r.branch2));
-    }
-    let up = conv(&r.conv2d, r.bn.as_ref(), false);
-    Block::new(branches, Some(Residual { up, scale: r.scale as f32, relu: r.act, shortcut: r.shortcut }))
-}
-
-/// The engine blocks of one trunk part.
-fn part(p: Part) -> Vec<Block> {
-    let plain = |b| vec![Block::plain(b)];
-    match p {
-        Part::Conv(c) => plain(vec![one(c)]),
-        Part::MaxPool => plain(vec![Branch::max_pool()]),
-        Part::Mixed3a(m) => plain(vec![Branch::max_pool(), one(m.conv)]),
-        Part::Mixed4a(m) => plain(vec![chain(m.branch0), chain(m.branch1)]),
-        Part::Mixed5a(m) => plain(vec![one(m.conv), Branch::max_pool()]),
-        Part::FourBranch(b) => plain(four_branch(b)),
-        Part::ReductionA(r) => plain(vec![one(r.branch0), chain(r.branch1), Branch::max_pool()]),
-        Part::ReductionB(r) => plain(vec![chain(r.branch0), chain(r.branch1), Branch::max_pool()]),
-        Part::IrReductionB(r) => plain(vec![chain(r.branch0), chain(r.branch1), chain(r.branch2), Branch::max_pool()]),
-        Part::InceptionC(c) => {
-            // Fig. 6: branches 1 and 2 split into a 1x3 and a 3x1 at their ends
-            let ops = |cs: Vec<ConvBnAct>| cs.into_iter().map(|c| Op::Conv(Box::new(cba(c)))).collect();
-            plain(vec![
-                one(c.branch0),
-                Branch::split(ops(vec![c.branch1_0]), vec![cba(c.branch1_1a), cba(c.branch1_1b)]),
-                Branch::split(
-                    ops(vec![c.branch2_0, c.branch2_1, c.branch2_2]),
-                    vec![cba(c.branch2_3a), cba(c.branch2_3b)],
-                ),
-                layers(c.branch3),
-            ])
-        }
-        Part::Residual(blocks) => blocks.into_iter().map(residual).collect(),
-    }
 }
 
 /// A linear layer (burn keeps `[in, out]`) with an optional BatchNorm1d folded in.
@@ -134,7 +142,8 @@ pub fn lower(model: Model) -> Engine {
     let mut blocks = Vec::new();
     let mut stage_ends: Vec<usize> = Vec::new();
     for (stage, p) in parts {
-        blocks.extend(part(p));
+        let mut fold = |c: ConvSrc<'_>| conv(c.conv, c.bn, c.relu);
+        blocks.extend(part(p, &mut fold).into_iter().map(|(branches, residual)| Block::new(branches, residual)));
         match stage_ends.get_mut(stage) {
             Some(end) => *end = blocks.len() - 1,
             None => stage_ends.push(blocks.len() - 1),
