@@ -270,7 +270,7 @@ impl Conv {
 }
 
 /// 3x3 / 2 max pool (VALID) into channels `[off, off + c)` of `dst`.
-fn max_pool_into(x: &Act, dst: &mut [f32], ld: usize, off: usize) {
+pub(crate) fn max_pool_into(x: &Act, dst: &mut [f32], ld: usize, off: usize) {
     let (oh, ow) = ((x.h - 3) / 2 + 1, (x.w - 3) / 2 + 1);
     let c = x.c;
     dst[..x.n * oh * ow * ld].par_chunks_mut(ld).enumerate().for_each(|(r, row)| {
@@ -289,7 +289,7 @@ fn max_pool_into(x: &Act, dst: &mut [f32], ld: usize, off: usize) {
 }
 
 /// 3x3 / 1 average pool, padding 1, padding excluded from the mean.
-fn avg_pool(x: &Act) -> Act {
+pub(crate) fn avg_pool(x: &Act) -> Act {
     let mut y = Act::zeros(x.n, x.h, x.w, x.c);
     let (h, w, c) = (x.h, x.w, x.c);
     y.data.par_chunks_mut(c).enumerate().for_each(|(r, out)| {

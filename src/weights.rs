@@ -123,6 +123,14 @@ pub fn param_shapes(model: &Model) -> Vec<(String, Vec<usize>)> {
     v.out
 }
 
+/// The keys of a module's float tensors (relative to the module, no layout remap), in visit
+/// order.
+pub fn keys_of<M: Module>(m: &M) -> Vec<String> {
+    let mut v = ShapeCollector { kind: ModelKind::InceptionV4, tracker: PathTracker::default(), out: Vec::new() };
+    m.visit(&mut v);
+    v.out.into_iter().map(|(k, _)| k).collect()
+}
+
 /// Options of `load`.
 #[derive(Clone, Debug, Default)]
 pub struct LoadOptions {

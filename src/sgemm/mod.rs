@@ -591,6 +591,17 @@ fn gemm_on(isa: Isa, m: usize, a: Rows<'_>, b: &PackedB, c: &mut [f32], ldc: usi
     }
 }
 
+/// Rows `[r0, r1)` of `a` (all `k` columns, explicit im2col for a convolution) copied
+/// row-major into `out` (`(r1 - r0) * k` floats): the `B` of a weight-gradient GEMM.
+pub fn im2col(a: &Rows<'_>, r0: usize, r1: usize, k: usize, out: &mut [f32]) {
+    assert_eq!(out.len(), (r1 - r0) * k, "im2col: output size");
+    a.check(r1, k);
+    out.par_chunks_mut(k * 64).enumerate().for_each(|(i, o)| {
+        let ra = r0 + i * 64;
+        a.gather(ra, ra + o.len() / k, 0, k, o);
+    });
+}
+
 /// The int8 GEMM: `C[r, c0 + j] = act(load·C + alpha·(A·B·(x_scale·b.scale()[j]) + bias))`
 /// for u8 rows `A` (quantized with `x_scale`; `k` a multiple of 4).
 #[allow(clippy::too_many_arguments)]

@@ -4,6 +4,7 @@
 //! resume exactly (model, optimizer, EMA, schedule, data order, epoch and step).
 
 pub mod data;
+pub mod fast;
 pub mod optim;
 pub mod plot;
 pub mod reproduce;
