@@ -169,6 +169,29 @@ pub fn run(cfg: &BenchConfig, device: &Device) -> Result<BenchReport> {
             });
             (times, feature_rms, weight_mb)
         }
+        BenchMode::Train if cfg.engine == EngineKind::Fast => {
+            // our CPU training engine: a step, TF-RMSProp and the EMA on flat buffers
+            let model = Model::new(&mcfg, device);
+            let weight_mb = model.num_params() as f64 * 4.0 / (1 << 20) as f64;
+            let mut net = crate::train::fast::Net::from_model(&model);
+            drop(model);
+            let n: usize = shape.iter().product();
+            let x: Vec<f32> = (0..n).map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0).collect();
+            let labels: Vec<usize> = (0..cfg.batch).map(|i| (i * 37) % 1000).collect();
+            let ocfg = crate::train::optim::OptimConfig::default();
+            let mut st = crate::train::fast::OptState::new(&net.slots);
+            let mut step = || {
+                net.step(crate::engine::Act::from_nchw(&x, shape), &labels, 0.1, 0.1, 0);
+                crate::train::fast::optimizer_step(&mut net.slots, &mut st, &ocfg, 0.045, &|_| false);
+                crate::train::fast::update_ema(&net.slots, &mut st, &ocfg);
+            };
+            let times = time_runs(cfg, &mut step);
+            let prof = crate::train::fast::profile_report();
+            if !prof.is_empty() {
+                eprintln!("{} steps: {prof}", cfg.warmup + cfg.runs);
+            }
+            (times, 0.0, weight_mb)
+        }
         BenchMode::Train => {
             let device = device.clone().autodiff();
             let mut model = Some(Model::new(&mcfg, &device));

@@ -541,7 +541,7 @@ fn run(cli: Cli) -> Result<bool> {
                 warmup,
                 runs,
                 device: cli.device.clone(),
-                engine: if mode == bench::BenchMode::Train { EngineKind::Burn } else { engine },
+                engine,
                 threads,
                 precision,
             };

@@ -113,11 +113,27 @@ pub struct PackedB(Panels);
 impl PackedB {
     pub fn new(w: &[f32], k: usize, n: usize) -> Self {
         assert_eq!(w.len(), k * n, "weight matrix is not k x n");
+        Self::from_rows(k, n, |r, out| out.copy_from_slice(&w[r * n..(r + 1) * n]))
+    }
+
+    /// `[k, n]` from its rows: `fill(r, out)` writes row `r`'s `n` values (k-blocks packed in
+    /// parallel; rows of a block in order).
+    pub fn from_rows(k: usize, n: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Self {
         let mut p = Panels::zeros(k, n, Isa::detect().f32_kc());
-        let mut data = std::mem::take(&mut p.data);
-        let packed = data.floats_mut();
-        p.layout(|r, c0, cols, line| packed[line * 16..line * 16 + cols].copy_from_slice(&w[r * n + c0..][..cols]));
-        p.data = data;
+        let panels = n.div_ceil(NR);
+        let (kc, steps) = (p.kc, p.steps);
+        p.data.floats_mut().par_chunks_mut(kc * panels * NR).enumerate().for_each(|(b, block)| {
+            let s0 = b * kc;
+            let kcb = kc.min(steps - s0);
+            let mut row = vec![0.0f32; n];
+            for kk in 0..kcb {
+                fill(s0 + kk, &mut row);
+                for q in 0..panels {
+                    let (c0, cols) = (q * NR, NR.min(n - q * NR));
+                    block[(q * kcb + kk) * NR..][..cols].copy_from_slice(&row[c0..c0 + cols]);
+                }
+            }
+        });
         Self(p)
     }
 
@@ -591,15 +607,14 @@ fn gemm_on(isa: Isa, m: usize, a: Rows<'_>, b: &PackedB, c: &mut [f32], ldc: usi
     }
 }
 
-/// Rows `[r0, r1)` of `a` (all `k` columns, explicit im2col for a convolution) copied
-/// row-major into `out` (`(r1 - r0) * k` floats): the `B` of a weight-gradient GEMM.
-pub fn im2col(a: &Rows<'_>, r0: usize, r1: usize, k: usize, out: &mut [f32]) {
-    assert_eq!(out.len(), (r1 - r0) * k, "im2col: output size");
-    a.check(r1, k);
-    out.par_chunks_mut(k * 64).enumerate().for_each(|(i, o)| {
-        let ra = r0 + i * 64;
-        a.gather(ra, ra + o.len() / k, 0, k, o);
-    });
+/// Explicit im2col of `a`, which has `m` rows of `k` columns (checked once here): `row(r, out)`
+/// copies row `r` into `out` (`k` floats). The `B` of a weight-gradient GEMM.
+pub fn im2col<'a>(a: &'a Rows<'a>, m: usize, k: usize) -> impl Fn(usize, &mut [f32]) + Sync + 'a {
+    a.check(m, k);
+    move |r, out| {
+        assert!(r < m && out.len() == k, "im2col: row {r} of {m}");
+        a.gather(r, r + 1, 0, k, out);
+    }
 }
 
 /// The int8 GEMM: `C[r, c0 + j] = act(load·C + alpha·(A·B·(x_scale·b.scale()[j]) + bias))`
