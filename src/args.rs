@@ -109,3 +109,9 @@ pub fn percentile(s: &str) -> Result<f64, String> {
     let v = float(s)?;
     if v > 50.0 && v <= 100.0 { Ok(v) } else { Err(format!("{v} is outside (50, 100]")) }
 }
+
+/// A fraction in (0, 1].
+pub fn unit_interval(s: &str) -> Result<f64, String> {
+    let v = float(s)?;
+    if v > 0.0 && v <= 1.0 { Ok(v) } else { Err(format!("{v} is outside (0, 1]")) }
+}

@@ -574,7 +574,12 @@ fn run(cli: Cli) -> Result<bool> {
             Ok(true)
         }
         Cmd::Train { flags, out } => {
-            let cfg = flags.resolve(&out)?;
+            let mut cfg = flags.resolve(&out)?;
+            // the training executor: --engine when given (a resumed run keeps its own)
+            if cli.engine.is_some() || !flags.resume {
+                cfg.engine = engine;
+            }
+            cfg.validate()?;
             let pb = bar(0, "loss");
             let summary = train::train(cfg, &out, flags.resume, &dev, &mut |s, n, loss| {
                 step(&pb, s, n, format!("loss {loss:.4}"));

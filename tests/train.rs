@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use inception::models::ModelKind;
+use inception::predict::EngineKind;
 use inception::train::data::{Dataset, multi_crops};
 use inception::train::optim::{OptimConfig, tf_rmsprop};
 use inception::train::{TrainConfig, train};
@@ -195,6 +196,7 @@ fn fine_tuning_replaces_the_classifier_and_keeps_frozen_stages() {
 fn data_parallel_path_trains() {
     let data = tiny_folder();
     let mut c = tiny_config(&data);
+    c.engine = EngineKind::Burn;
     c.devices = 2; // two shards per batch, gradients summed on the first replica
     let mut losses = Vec::new();
     let s = train(c, &data.parent().unwrap().join("run_dp"), false, &Device::flex(), &mut |_, _, l| {
@@ -204,6 +206,11 @@ fn data_parallel_path_trains() {
     .unwrap();
     assert_eq!(s.epochs, 1);
     assert!(losses.iter().all(|l| l.is_finite()) && !losses.is_empty());
+    // the fast engine runs a batch whole: replicas are refused, not ignored
+    let mut c = tiny_config(&data);
+    c.devices = 2;
+    let err = train(c, &data.parent().unwrap().join("run_dp_fast"), false, &Device::flex(), &mut |_, _, _| true);
+    assert!(err.is_err_and(|e| e.to_string().contains("--engine burn")));
 }
 
 #[test]
@@ -216,4 +223,25 @@ fn a_diverging_run_stops_with_a_clear_error() {
     let run = data.parent().unwrap().join("run_nan");
     let err = train(c, &run, false, &Device::flex(), &mut |_, _, _| true).expect_err("diverges");
     assert!(err.to_string().contains("loss is"), "{err}");
+}
+
+#[test]
+fn either_engine_continues_the_others_checkpoint() {
+    let data = tiny_folder();
+    let run = data.parent().unwrap().join("run_cross");
+    for (epochs, engine) in [(1, EngineKind::Fast), (2, EngineKind::Burn), (3, EngineKind::Fast)] {
+        let mut c = tiny_config(&data);
+        c.epochs = epochs;
+        c.engine = engine;
+        let s = train(c, &run, epochs > 1, &Device::flex(), &mut |_, _, l| {
+            assert!(l.is_finite());
+            true
+        })
+        .unwrap();
+        assert_eq!(s.epochs, epochs, "{engine:?}");
+        let cfg: TrainConfig = serde_json::from_slice(&std::fs::read(run.join("config.json")).unwrap()).unwrap();
+        assert_eq!(cfg.engine, engine);
+    }
+    let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 4, "{csv}");
 }

@@ -163,3 +163,78 @@ fn plain_and_scaled_blocks_match_burn() {
     check_block("scaled_a", ResBlock::new(ResKind::A, &c.block_a, 0.3, true, &d));
     check_block("scaled_c_noact", ResBlock::new(ResKind::C, &c.block_c, 1.0, false, &d));
 }
+
+/// 100 steps of the recipe (TF-RMSProp, clipping, weight decay, label smoothing) from the same
+/// start on the same batches: the two engines' losses track each other.
+#[test]
+fn a_hundred_steps_track_the_burn_path() {
+    use burn::nn::loss::CrossEntropyLossConfig;
+    use burn::optim::GradientsParams;
+    use burn::tensor::{Int, Tensor, TensorData};
+    use inception::train::{fast, optim};
+    let dev = Device::flex().autodiff();
+    let cfg = ModelConfig { width: 0.1, ..ModelConfig::new(ModelKind::InceptionResnetV1, 2) };
+    let mut model = inception::train::seeded_model(&cfg, 3, &dev);
+    let mut net = Net::from_model(&model);
+    let ocfg = optim::OptimConfig::default();
+    let (mut bst, mut fst) = (optim::OptimState::default(), fast::OptState::new(&net.slots));
+    let loss_fn = CrossEntropyLossConfig::new().with_smoothing(Some(0.1)).init(&dev);
+    let (n, s) = (8, 75);
+    let (mut lb, mut lf) = (Vec::new(), Vec::new());
+    for step in 0..100 {
+        // two classes: bright and dark images with a per-step pattern
+        let labels: Vec<usize> = (0..n).map(|i| (i + step) % 2).collect();
+        let x: Vec<f32> = (0..n * 3 * s * s)
+            .map(|i| {
+                let b = i / (3 * s * s);
+                let base = if labels[b] == 1 { 0.4 } else { -0.4 };
+                base + (((i * 7919 + step * 104729) % 2001) as f32 / 2000.0 - 0.5) * 0.8
+            })
+            .collect();
+        let xt = Tensor::<4>::from_data(TensorData::new(x.clone(), [n, 3, s, s]), &dev);
+        let y = Tensor::<1, Int>::from_data(
+            TensorData::new(labels.iter().map(|&l| l as i64).collect::<Vec<_>>(), [n]),
+            &dev,
+        );
+        let loss = loss_fn.forward(model.forward(xt), y);
+        lb.push(loss.clone().into_scalar::<f32>() as f64);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let (m, _) = optim::step(model, grads, &mut bst, &ocfg, 0.045, &|_| false);
+        model = m;
+        optim::update_ema(&model, &mut bst, &ocfg);
+        let out = net.step(Act::from_nchw(&x, [n, 3, s, s]), &labels, 0.1, 0.1, step as u64);
+        lf.push(out.loss);
+        fast::optimizer_step(&mut net.slots, &mut fst, &ocfg, 0.045, &|_| false);
+        fast::update_ema(&net.slots, &mut fst, &ocfg);
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (b0, f0, b1, f1) = (mean(&lb[..10]), mean(&lf[..10]), mean(&lb[80..]), mean(&lf[80..]));
+    assert!((lb[0] - lf[0]).abs() < 1e-4, "the first losses differ: {} vs {}", lb[0], lf[0]);
+    assert!(b1 < 0.7 * b0 && f1 < 0.7 * f0, "both learn: burn {b0:.3} -> {b1:.3}, fast {f0:.3} -> {f1:.3}");
+    assert!((b1 - f1).abs() < 0.25 * b1.max(f1) + 0.02, "the last 20 losses: burn {b1:.4}, fast {f1:.4}");
+}
+
+/// A step gives the same bits on 1, 2 and 3 threads (fixed-order reductions, GEMM tiles that
+/// sum in one order whatever the split), and twice in a row.
+#[test]
+fn a_step_is_deterministic_whatever_the_threads() {
+    let dev = Device::flex();
+    let cfg = ModelConfig { width: 0.2, ..ModelConfig::new(ModelKind::InceptionResnetV2, 3) };
+    let model = inception::train::seeded_model(&cfg, 5, &dev);
+    let x = input(3, 99, 1);
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let mut net = Net::from_model(&model);
+            let out = net.step(Act::from_nchw(&x, [3, 3, 99, 99]), &[0, 1, 2], 0.1, 0.1, 9);
+            let grads: Vec<Vec<f32>> = net.slots.iter().map(|s| s.grad.clone()).collect();
+            let stats: Vec<Vec<f32>> = net.slots.iter().map(|s| s.value.clone()).collect();
+            (out.loss.to_bits(), grads, stats)
+        })
+    };
+    let one = run(1);
+    for t in [2, 3, 2] {
+        let other = run(t);
+        assert!(one == other, "{t} threads differ from 1");
+    }
+}

@@ -319,9 +319,26 @@ pub struct Batch {
 /// One decoded item (CHW data, label) or the path and reason it could not be read.
 type Loaded = std::result::Result<(Vec<f32>, usize), (String, String)>;
 
+/// A batch as NCHW values (`[labels.len(), 3, size, size]`).
+pub struct RawBatch {
+    pub data: Vec<f32>,
+    pub size: usize,
+    pub labels: Vec<usize>,
+    pub skipped: Vec<(String, String)>,
+}
+
 /// Decode and transform `indices` in parallel; unreadable items are skipped and reported.
 /// Augmentation draws from `SplitMix(seed ^ index)`, so a batch is reproducible.
 pub fn load_batch(ds: &Dataset, indices: &[usize], t: &Transform, seed: u64, device: &Device) -> Option<Batch> {
+    let RawBatch { data, size, labels, skipped } = load_raw(ds, indices, t, seed)?;
+    let n = labels.len();
+    let images = Tensor::from_data(TensorData::new(data, [n, 3, size, size]), device);
+    let l: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
+    Some(Batch { images, labels: Tensor::from_data(TensorData::new(l, [n]), device), label_vec: labels, skipped })
+}
+
+/// `load_batch` without the tensors (`None` when no item could be read).
+pub fn load_raw(ds: &Dataset, indices: &[usize], t: &Transform, seed: u64) -> Option<RawBatch> {
     let size = t.pre().input_size;
     let results: Vec<Loaded> = indices
         .par_iter()
@@ -346,8 +363,5 @@ pub fn load_batch(ds: &Dataset, indices: &[usize], t: &Transform, seed: u64, dev
     if labels.is_empty() {
         return None;
     }
-    let n = labels.len();
-    let images = Tensor::from_data(TensorData::new(data, [n, 3, size, size]), device);
-    let l: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
-    Some(Batch { images, labels: Tensor::from_data(TensorData::new(l, [n]), device), label_vec: labels, skipped })
+    Some(RawBatch { data, size, labels, skipped })
 }

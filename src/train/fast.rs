@@ -813,6 +813,7 @@ fn branch_backward(br: &Branch<TConv>, slots: &mut [Slot], tape: BranchTape, dy:
 }
 
 /// A trunk block: branches concatenated, optionally in a residual.
+#[derive(Clone)]
 pub struct TBlock {
     branches: Vec<Branch<TConv>>,
     residual: Option<Residual<TConv>>,
@@ -911,6 +912,7 @@ fn add_par(dst: &mut [f32], src: &[f32]) {
 
 /// The head: global average pool, facenet's bottleneck (linear without bias + BatchNorm1d),
 /// dropout (paper layouts) and the classifier; weights `[in, out]`.
+#[derive(Clone)]
 struct THead {
     bottleneck: Option<(usize, Option<Bn>)>,
     classifier: Option<(usize, usize)>,
@@ -933,6 +935,18 @@ pub struct Net {
     blocks: Vec<TBlock>,
     head: THead,
     classes: usize,
+}
+
+/// Global average pool of `[n, hw, c]`.
+fn global_pool(f: &[f32], n: usize, hw: usize, c: usize) -> Vec<f32> {
+    let mut pooled = vec![0.0f32; n * c];
+    for (b, out) in pooled.chunks_mut(c).enumerate() {
+        for p in 0..hw {
+            add(out, &f[(b * hw + p) * c..][..c]);
+        }
+        out.iter_mut().for_each(|v| *v /= hw as f32);
+    }
+    pooled
 }
 
 /// `y[n, o] = x[n, i] . w[i, o]` (+ bias).
@@ -1022,6 +1036,36 @@ impl Net {
 
     pub fn num_classes(&self) -> usize {
         self.classes
+    }
+
+    /// A copy whose tensors are `value(index, slot)` (e.g. the EMA weights).
+    pub fn with_values<'a>(&'a self, value: impl Fn(usize, &'a Slot) -> &'a [f32]) -> Net {
+        let slots = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Slot { value: value(i, s).to_vec(), grad: Vec::new(), ..s.clone() })
+            .collect();
+        Net { kind: self.kind, slots, blocks: self.blocks.clone(), head: self.head.clone(), classes: self.classes }
+    }
+
+    /// Replace every BatchNorm's running statistics by their average over `batches` (NHWC)
+    /// run in training mode: the population statistics of these weights ("precise BN").
+    pub fn recalibrate_bn(&mut self, batches: impl Iterator<Item = Act>) {
+        for (k, x) in batches.enumerate() {
+            // momentum 1 / (k + 1): a cumulative average over the batches
+            let momentum = 1.0 / (k + 1) as f32;
+            rayon::scope(|_| {
+                let (f, _) = Self::trunk_forward(&self.blocks, &mut self.slots, x, momentum);
+                if let Some((w, Some(bn))) = self.head.bottleneck {
+                    let (n, hw, c) = (f.n, f.h * f.w, f.c);
+                    let pooled = global_pool(&f.data, n, hw, c);
+                    let dout = self.slots[w].shape[1];
+                    let h1 = linear(&pooled, n, &self.slots[w].value, c, dout, None);
+                    bn1d_forward(&mut self.slots, bn, &h1, n, dout, momentum);
+                }
+            });
+        }
     }
 
     /// `[h, w, c]` of the trunk's output on an `h x w x c` input.
@@ -1114,13 +1158,7 @@ impl Net {
         let (f, tapes) = Self::trunk_forward(&self.blocks, &mut self.slots, x, momentum);
         let slots = &mut self.slots;
         let (n, hw, c) = (f.n, f.h * f.w, f.c);
-        let mut pooled = vec![0.0f32; n * c];
-        for (b, out) in pooled.chunks_mut(c).enumerate() {
-            for p in 0..hw {
-                add(out, &f.data[(b * hw + p) * c..][..c]);
-            }
-            out.iter_mut().for_each(|v| *v /= hw as f32);
-        }
+        let pooled = global_pool(&f.data, n, hw, c);
         // bottleneck
         let mut pre = pooled.clone();
         let mut bott_tape = None;
@@ -1263,6 +1301,46 @@ pub struct OptState {
 }
 
 impl OptState {
+    /// From the burn path's state (flat tensors by key; absent keys start fresh: `ms` at 1,
+    /// `mom` at 0, no EMA).
+    pub fn from_keyed(
+        slots: &[Slot],
+        ms: &HashMap<String, Tensor<1>>,
+        mom: &HashMap<String, Tensor<1>>,
+        ema: &HashMap<String, Tensor<1>>,
+        ema_updates: u64,
+    ) -> Self {
+        let vals = |t: &Tensor<1>| t.clone().into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default();
+        let mut st = Self::new(slots);
+        for (i, s) in slots.iter().enumerate() {
+            if s.kind == SlotKind::Buffer {
+                continue;
+            }
+            let n = s.value.len();
+            if let Some(v) = ms.get(&s.key).map(vals).filter(|v| v.len() == n) {
+                st.ms[i] = v;
+            }
+            if let Some(v) = mom.get(&s.key).map(vals).filter(|v| v.len() == n) {
+                st.mom[i] = v;
+            }
+        }
+        if !ema.is_empty() {
+            st.ema = slots
+                .iter()
+                .map(|s| match s.kind {
+                    SlotKind::Buffer => Vec::new(),
+                    _ => ema
+                        .get(&s.key)
+                        .map(vals)
+                        .filter(|v| v.len() == s.value.len())
+                        .unwrap_or_else(|| s.value.clone()),
+                })
+                .collect();
+        }
+        st.ema_updates = ema_updates;
+        st
+    }
+
     pub fn new(slots: &[Slot]) -> Self {
         let trainable = |s: &Slot, v: f32| if s.kind == SlotKind::Buffer { Vec::new() } else { vec![v; s.value.len()] };
         Self {

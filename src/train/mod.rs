@@ -24,7 +24,7 @@ use crate::models::{Model, ModelConfig, ModelKind, stage_of_key};
 use crate::predict::{EngineKind, Predictor, softmax};
 use crate::preprocess::{Interpolation, Preprocess};
 use crate::weights::{self, LoadOptions};
-use data::{Dataset, SplitMix, Transform, load_batch, multi_crops};
+use data::{Dataset, SplitMix, Transform, load_batch, load_raw, multi_crops};
 use optim::{OptimConfig, OptimState};
 
 /// Everything a run is built from; written to `RUN_DIR/config.json`.
@@ -65,6 +65,28 @@ pub struct TrainConfig {
     /// Resampling filter of augmentation and evaluation.
     #[serde(default = "bilinear")]
     pub interpolation: Interpolation,
+    /// The training executor on the CPU: `fast` (`train::fast`) or `burn` (GPU devices always
+    /// use burn). Runs saved before the fast engine existed trained on burn.
+    #[serde(default = "burn_engine")]
+    pub engine: EngineKind,
+    /// BatchNorm momentum of the fast engine (PyTorch's convention: the weight of a new batch
+    /// in the running statistics; TF-slim's decay 0.9997 is 0.0003). The burn path keeps its
+    /// layers' 0.1.
+    #[serde(default = "default_bn_momentum")]
+    pub bn_momentum: f64,
+    /// Before each evaluation and the export, the EMA weights' BatchNorm statistics are
+    /// recomputed from this many training batches (0: keep the running statistics, which were
+    /// gathered with the raw weights); fast engine only.
+    #[serde(default)]
+    pub bn_recalibration: usize,
+}
+
+fn burn_engine() -> EngineKind {
+    EngineKind::Burn
+}
+
+fn default_bn_momentum() -> f64 {
+    0.1
 }
 
 fn one_device() -> usize {
@@ -99,6 +121,9 @@ impl TrainConfig {
             devices: 1,
             train_limit: None,
             interpolation: Interpolation::Bilinear,
+            engine: EngineKind::Fast,
+            bn_momentum: default_bn_momentum(),
+            bn_recalibration: 0,
         }
     }
 
@@ -158,6 +183,15 @@ impl TrainConfig {
         if self.devices == 0 || self.devices > 64 {
             return bad("devices", self.devices.to_string(), "[1, 64]");
         }
+        if self.engine == EngineKind::Fast && self.devices > 1 {
+            return Err(Error::Invalid(
+                "--devices > 1 (data-parallel replicas) needs --engine burn; the fast engine runs the whole batch"
+                    .into(),
+            ));
+        }
+        if !(self.bn_momentum.is_finite() && self.bn_momentum > 0.0 && self.bn_momentum <= 1.0) {
+            return bad("bn_momentum", self.bn_momentum.to_string(), "(0, 1]");
+        }
         let o = &self.optim;
         if ![o.rho, o.momentum, o.epsilon, o.weight_decay, o.ema_decay].iter().all(|v| v.is_finite() && *v >= 0.0)
             || o.clip_norm.is_some_and(|c| !(c.is_finite() && c > 0.0))
@@ -216,6 +250,14 @@ pub struct TrainFlags {
     /// Data-parallel replicas of --device (GPU 0..N-1; on the CPU, N shards of each batch).
     #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
     pub devices: Option<usize>,
+    /// BatchNorm momentum of the fast engine, in (0, 1] (PyTorch's convention; TF-slim's decay
+    /// 0.9997 is 0.0003).
+    #[arg(long, value_parser = crate::args::unit_interval)]
+    pub bn_momentum: Option<f64>,
+    /// Recompute the EMA weights' BatchNorm statistics from N training batches before each
+    /// evaluation and the export (fast engine; 0 = off).
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=10_000))]
+    pub bn_recalibration: Option<usize>,
     /// Continue from OUT/checkpoint.safetensors.
     #[arg(long)]
     pub resume: bool,
@@ -262,7 +304,8 @@ impl TrainFlags {
             ($($f:ident => $dst:expr),*) => {$(if let Some(v) = self.$f { $dst = v; })*};
         }
         set!(epochs => cfg.epochs, batch => cfg.batch, size => cfg.size, width => cfg.model.width, lr => cfg.lr,
-             freeze => cfg.freeze, seed => cfg.seed, devices => cfg.devices);
+             freeze => cfg.freeze, seed => cfg.seed, devices => cfg.devices, bn_momentum => cfg.bn_momentum,
+             bn_recalibration => cfg.bn_recalibration);
         if self.weights.is_some() {
             cfg.weights = self.weights.clone();
         }
@@ -333,27 +376,6 @@ fn tensor_map_to_vecs(
         let v = t.clone().into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default();
         out.insert(format!("{prefix}{k}"), (vec![v.len()], v));
     }
-}
-
-/// Write the checkpoint atomically: weights, optimizer and EMA state, progress and config.
-fn save_checkpoint(dir: &Path, cfg: &TrainConfig, model: &Model, st: &OptimState, p: &Progress) -> Result<()> {
-    let mut t = BTreeMap::new();
-    // `valid()` folds BatchNorm's pending running-statistics update into its value (burn keeps
-    // the last update aside until the next one); exporting `model` itself would save
-    // statistics one step behind and a resumed run would diverge
-    for (k, v) in weights::export_tensors(&model.valid()) {
-        t.insert(format!("model.{k}"), v);
-    }
-    tensor_map_to_vecs(&st.ms, "ms.", &mut t);
-    tensor_map_to_vecs(&st.mom, "mom.", &mut t);
-    tensor_map_to_vecs(&st.ema, "ema.", &mut t);
-    let meta = HashMap::from([
-        ("train_config".to_string(), js(cfg)),
-        ("progress".to_string(), js(p)),
-        ("ema_updates".to_string(), st.ema_updates.to_string()),
-        ("inception_config".to_string(), js(&model.config())),
-    ]);
-    weights::save_tensors(&dir.join(CHECKPOINT), &t, Some(meta))
 }
 
 fn js<T: Serialize>(v: &T) -> String {
@@ -565,6 +587,200 @@ pub struct TrainSummary {
     pub skipped: usize,
 }
 
+/// The executor of a run: burn's autodiff (any device), or the CPU training engine.
+enum Trainer {
+    Burn {
+        model: Model,
+        state: OptimState,
+        replicas: Vec<Device>,
+    },
+    /// `template`: a model of the run's structure on the CPU, for evaluation and export.
+    Fast {
+        net: fast::Net,
+        st: fast::OptState,
+        template: Model,
+    },
+}
+
+/// What one step saw: mean loss, the scores and labels of the images it read.
+struct Stepped {
+    loss: f64,
+    scores: Vec<f32>,
+    labels: Vec<usize>,
+}
+
+impl Trainer {
+    fn new(cfg: &TrainConfig, model: Model, state: OptimState, device: &Device) -> Self {
+        match cfg.engine {
+            EngineKind::Fast => {
+                let net = fast::Net::from_model(&model);
+                let st = fast::OptState::from_keyed(&net.slots, &state.ms, &state.mom, &state.ema, state.ema_updates);
+                Trainer::Fast { net, st, template: model.valid() }
+            }
+            EngineKind::Burn => {
+                // data-parallel replicas: the main device plus `devices - 1` more of the same kind
+                let ad = device.clone().autodiff();
+                let replicas = (0..cfg.devices.max(1))
+                    .map(|i| if i == 0 { ad.clone() } else { replica_device(device, i).autodiff() })
+                    .collect();
+                Trainer::Burn { model, state, replicas }
+            }
+        }
+    }
+
+    /// One step on `idx`: forward, backward and the optimizer update (or `None`, with the
+    /// unreadable files counted in `skipped`, when no image could be read).
+    #[allow(clippy::too_many_arguments)]
+    fn step(
+        &mut self,
+        cfg: &TrainConfig,
+        ds: &Dataset,
+        idx: &[usize],
+        aug: &Transform,
+        batch_seed: u64,
+        step_seed: u64,
+        lr: f64,
+        frozen: &dyn Fn(&str) -> bool,
+        skipped: &mut usize,
+    ) -> Result<Option<Stepped>> {
+        match self {
+            Trainer::Fast { net, st, .. } => {
+                let Some(b) = load_raw(ds, idx, aug, batch_seed) else {
+                    *skipped += idx.len();
+                    return Ok(None);
+                };
+                for (p, why) in &b.skipped {
+                    eprintln!("skipped {p}: {why}");
+                }
+                *skipped += b.skipped.len();
+                let x = crate::engine::Act::from_nchw(&b.data, [b.labels.len(), 3, b.size, b.size]);
+                let out = net.step(x, &b.labels, cfg.label_smoothing as f32, cfg.bn_momentum as f32, step_seed);
+                if !out.loss.is_finite() {
+                    return Ok(Some(Stepped { loss: out.loss, scores: out.logits, labels: b.labels }));
+                }
+                fast::optimizer_step(&mut net.slots, st, &cfg.optim, lr, frozen);
+                fast::update_ema(&net.slots, st, &cfg.optim);
+                Ok(Some(Stepped { loss: out.loss, scores: out.logits, labels: b.labels }))
+            }
+            Trainer::Burn { model, state, replicas } => {
+                let ad = replicas[0].clone();
+                let loss_fn = CrossEntropyLossConfig::new().with_smoothing(Some(cfg.label_smoothing as f32)).init(&ad);
+                let shard_len = idx.len().div_ceil(replicas.len()).max(1);
+                // dropout draws from the backend's RNG: seed it per step, so a resumed run draws
+                // exactly what the uninterrupted run drew at this step
+                for d in replicas.iter() {
+                    d.seed(step_seed);
+                }
+                let (mut grads, mut lv, mut scores, mut labels) = (Vec::new(), 0f64, Vec::new(), Vec::new());
+                for (shard, dev) in idx.chunks(shard_len).zip(replicas.iter()) {
+                    let Some(b) = load_batch(ds, shard, aug, batch_seed, dev) else {
+                        *skipped += shard.len();
+                        continue;
+                    };
+                    for (p, why) in &b.skipped {
+                        eprintln!("skipped {p}: {why}");
+                    }
+                    *skipped += b.skipped.len();
+                    let share = b.label_vec.len() as f64 / idx.len() as f64;
+                    let replica = if *dev == ad { None } else { Some(model.clone().fork(dev)) };
+                    let m = replica.as_ref().unwrap_or(model);
+                    let logits = m.forward(b.images);
+                    let loss = loss_fn.forward(logits.clone(), b.labels.to_device(dev)).mul_scalar(share);
+                    lv += loss.clone().into_scalar::<f32>() as f64;
+                    scores
+                        .extend(logits.inner().into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default());
+                    labels.extend(b.label_vec);
+                    grads.push(GradientsParams::from_grads(loss.backward(), m).to_device(&ad, model));
+                }
+                if labels.is_empty() {
+                    return Ok(None);
+                }
+                let lv = lv * idx.len() as f64 / labels.len() as f64;
+                if !lv.is_finite() {
+                    return Ok(Some(Stepped { loss: lv, scores, labels }));
+                }
+                let grads = optim::merge_grads(model, grads);
+                let m = std::mem::replace(model, Model::new(&model.config(), &ad));
+                let (m, _norm) = optim::step(m, grads, state, &cfg.optim, lr, frozen);
+                *model = m;
+                optim::update_ema(model, state, &cfg.optim);
+                Ok(Some(Stepped { loss: lv, scores, labels }))
+            }
+        }
+    }
+
+    /// The checkpoint's tensors: the model under `model.`, optimizer and EMA state under `ms.`,
+    /// `mom.`, `ema.` (flat, by key), and the EMA update count.
+    fn checkpoint(&self) -> (weights::Tensors, u64, ModelConfig) {
+        let mut t = BTreeMap::new();
+        match self {
+            Trainer::Burn { model, state, .. } => {
+                // `valid()` folds BatchNorm's pending running-statistics update into its value
+                // (burn keeps the last update aside until the next one); exporting `model`
+                // itself would save statistics one step behind and a resumed run would diverge
+                for (k, v) in weights::export_tensors(&model.valid()) {
+                    t.insert(format!("model.{k}"), v);
+                }
+                tensor_map_to_vecs(&state.ms, "ms.", &mut t);
+                tensor_map_to_vecs(&state.mom, "mom.", &mut t);
+                tensor_map_to_vecs(&state.ema, "ema.", &mut t);
+                (t, state.ema_updates, model.config())
+            }
+            Trainer::Fast { net, st, template } => {
+                let model = net.to_model(template.clone());
+                for (k, v) in weights::export_tensors(&model) {
+                    t.insert(format!("model.{k}"), v);
+                }
+                for (prefix, vals) in [("ms.", &st.ms), ("mom.", &st.mom), ("ema.", &st.ema)] {
+                    for (s, v) in net.slots.iter().zip(vals) {
+                        if !v.is_empty() {
+                            t.insert(format!("{prefix}{}", s.key), (vec![v.len()], v.clone()));
+                        }
+                    }
+                }
+                (t, st.ema_updates, model.config())
+            }
+        }
+    }
+
+    /// An eval copy with the averaged weights (and, with `bn_recalibration`, BatchNorm
+    /// statistics recomputed for them on training batches).
+    fn eval_model(&self, cfg: &TrainConfig, ds: &Dataset, subset: &[usize], seed: u64) -> Model {
+        match self {
+            Trainer::Burn { model, state, .. } => optim::ema_model(model, state),
+            Trainer::Fast { net, st, template } => {
+                if st.ema.is_empty() {
+                    return net.to_model(template.clone());
+                }
+                let mut avg = net.with_values(|i, s| if st.ema[i].is_empty() { &s.value } else { &st.ema[i] });
+                if cfg.bn_recalibration > 0 {
+                    let aug = Transform::Train { pre: cfg.preprocess(), min_area: cfg.min_area };
+                    let order = SplitMix::new(seed).permutation(subset.len());
+                    let batches = order.chunks(cfg.batch).take(cfg.bn_recalibration).filter_map(|c| {
+                        let idx: Vec<usize> = c.iter().map(|&i| subset[i]).collect();
+                        let b = load_raw(ds, &idx, &aug, seed)?;
+                        Some(crate::engine::Act::from_nchw(&b.data, [b.labels.len(), 3, b.size, b.size]))
+                    });
+                    avg.recalibrate_bn(batches);
+                }
+                avg.to_model(template.clone())
+            }
+        }
+    }
+}
+
+/// Write the checkpoint atomically: weights, optimizer and EMA state, progress and config.
+fn save_checkpoint(dir: &Path, cfg: &TrainConfig, trainer: &Trainer, p: &Progress) -> Result<()> {
+    let (t, ema_updates, mcfg) = trainer.checkpoint();
+    let meta = HashMap::from([
+        ("train_config".to_string(), js(cfg)),
+        ("progress".to_string(), js(p)),
+        ("ema_updates".to_string(), ema_updates.to_string()),
+        ("inception_config".to_string(), js(&mcfg)),
+    ]);
+    weights::save_tensors(&dir.join(CHECKPOINT), &t, Some(meta))
+}
+
 /// Train (or resume) a run in `dir`. `on_step(step, steps, loss)` reports progress after each
 /// step; returning `false` stops the run there (as if killed: no extra checkpoint is written).
 pub fn train(
@@ -574,11 +790,15 @@ pub fn train(
     device: &Device,
     on_step: &mut dyn FnMut(usize, usize, f64) -> bool,
 ) -> Result<TrainSummary> {
+    let mut cfg = cfg;
+    if *device != Device::flex() {
+        // GPU devices train through burn
+        cfg.engine = EngineKind::Burn;
+    }
     cfg.validate()?;
     std::fs::create_dir_all(dir).map_err(|err| Error::Io { path: dir.to_path_buf(), err })?;
     // temp files of killed writers are swept by `write_atomic` before each write
     let _lock = weights::DirLock::acquire(dir)?;
-    let ad = device.clone().autodiff();
     let train_ds = Dataset::open(&cfg.data, true)?;
     let eval_ds = Dataset::open(&cfg.data, false)?;
     let distinct: std::collections::BTreeSet<usize> = train_ds.labels.iter().copied().collect();
@@ -589,13 +809,15 @@ pub fn train(
             distinct.len()
         )));
     }
-    let (cfg, mut model, mut state, mut progress) = if resume && dir.join(CHECKPOINT).exists() {
-        let (saved, model, state, progress) = load_checkpoint(dir, &ad)?;
-        (TrainConfig { epochs: cfg.epochs, ..saved }, model, state, progress)
+    let model_device = if cfg.engine == EngineKind::Fast { device.clone() } else { device.clone().autodiff() };
+    let (cfg, model, state, mut progress) = if resume && dir.join(CHECKPOINT).exists() {
+        let (saved, model, state, progress) = load_checkpoint(dir, &model_device)?;
+        // either engine continues the other's checkpoints: the caller's engine wins
+        (TrainConfig { epochs: cfg.epochs, engine: cfg.engine, ..saved }, model, state, progress)
     } else {
         let mut cfg = cfg;
         cfg.model.num_classes = train_ds.classes.len();
-        let mut model = seeded_model(&cfg.model, cfg.seed, &ad);
+        let mut model = seeded_model(&cfg.model, cfg.seed, &model_device);
         if let Some(w) = &cfg.weights {
             model = weights::load(model, w, &LoadOptions { new_classifier: true })?;
         }
@@ -604,11 +826,7 @@ pub fn train(
     cfg.validate()?;
     let js = serde_json::to_vec_pretty(&cfg).map_err(|e| Error::Invalid(e.to_string()))?;
     weights::write_atomic(&dir.join("config.json"), &js)?;
-    // data-parallel replicas: the main device plus `devices - 1` more of the same kind
-    let replicas: Vec<Device> = (0..cfg.devices.max(1))
-        .map(|i| if i == 0 { ad.clone() } else { replica_device(device, i).autodiff() })
-        .collect();
-    let loss_fn = CrossEntropyLossConfig::new().with_smoothing(Some(cfg.label_smoothing as f32)).init(&ad);
+    let mut trainer = Trainer::new(&cfg, model, state, device);
     let frozen = frozen_fn(cfg.model.model, cfg.freeze);
     let classes = train_ds.classes.len();
     // the training subset: a fixed draw (independent of the run's seed), or everything
@@ -634,38 +852,14 @@ pub fn train(
             let idx = &order[s * cfg.batch..((s + 1) * cfg.batch).min(order.len())];
             let aug = Transform::Train { pre: cfg.preprocess(), min_area: cfg.min_area };
             let batch_seed = cfg.seed ^ (epoch as u64).wrapping_mul(0x9E3779B97F4A7C15);
-            let shard_len = idx.len().div_ceil(replicas.len()).max(1);
-            // dropout draws from the backend's RNG: seed it per step, so a resumed run draws
-            // exactly what the uninterrupted run drew at this step
             let step_seed = cfg.seed ^ (progress.global_step + 1).wrapping_mul(0x2545F4914F6CDD1D);
-            for d in &replicas {
-                d.seed(step_seed);
-            }
-            let (mut grads, mut lv, mut scores, mut labels) = (Vec::new(), 0f64, Vec::new(), Vec::new());
-            for (shard, dev) in idx.chunks(shard_len).zip(&replicas) {
-                let Some(b) = load_batch(&train_ds, shard, &aug, batch_seed, dev) else {
-                    progress.skipped += shard.len();
-                    continue;
-                };
-                for (p, why) in &b.skipped {
-                    eprintln!("skipped {p}: {why}");
-                }
-                progress.skipped += b.skipped.len();
-                let share = b.label_vec.len() as f64 / idx.len() as f64;
-                let replica = if dev == &ad { None } else { Some(model.clone().fork(dev)) };
-                let m = replica.as_ref().unwrap_or(&model);
-                let logits = m.forward(b.images);
-                let loss = loss_fn.forward(logits.clone(), b.labels.to_device(dev)).mul_scalar(share);
-                lv += loss.clone().into_scalar::<f32>() as f64;
-                scores.extend(logits.inner().into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default());
-                labels.extend(b.label_vec);
-                grads.push(GradientsParams::from_grads(loss.backward(), m).to_device(&ad, &model));
-            }
-            if labels.is_empty() {
+            let Some(st) =
+                trainer.step(&cfg, &train_ds, idx, &aug, batch_seed, step_seed, lr, &frozen, &mut progress.skipped)?
+            else {
                 progress.step_in_epoch = s + 1;
                 continue;
-            }
-            let lv = lv * idx.len() as f64 / labels.len() as f64;
+            };
+            let lv = st.loss;
             if !lv.is_finite() {
                 let last = if dir.join(CHECKPOINT).exists() {
                     format!("the last good checkpoint is {}", dir.join(CHECKPOINT).display())
@@ -674,18 +868,14 @@ pub fn train(
                 };
                 return Err(Error::Invalid(format!("loss is {lv} at epoch {epoch} step {s}: stopped; {last}")));
             }
-            let grads = optim::merge_grads(&model, grads);
-            let (m, _norm) = optim::step(model, grads, &mut state, &cfg.optim, lr, &frozen);
-            model = m;
-            optim::update_ema(&model, &mut state, &cfg.optim);
-            let (c1, _, _) = hits(&scores, classes, &labels);
-            progress.loss_sum += lv * labels.len() as f64;
+            let (c1, _, _) = hits(&st.scores, classes, &st.labels);
+            progress.loss_sum += lv * st.labels.len() as f64;
             progress.correct += c1;
-            progress.seen += labels.len() as u64;
+            progress.seen += st.labels.len() as u64;
             progress.step_in_epoch = s + 1;
             progress.global_step += 1;
             if cfg.checkpoint_every.is_some_and(|n| n > 0 && progress.global_step % n as u64 == 0) {
-                save_checkpoint(dir, &cfg, &model, &state, &progress)?;
+                save_checkpoint(dir, &cfg, &trainer, &progress)?;
             }
             if !on_step(s + 1, steps, lv) {
                 return Ok(TrainSummary {
@@ -703,7 +893,7 @@ pub fn train(
             )));
         }
         let secs = t0.elapsed().as_secs_f64();
-        let eval_model = optim::ema_model(&model, &state);
+        let eval_model = trainer.eval_model(&cfg, &train_ds, &subset, cfg.seed ^ 0xBA7C);
         let zf = zero_fraction(&eval_model, &eval_ds, &cfg, device);
         if zf > 0.99 {
             eprintln!(
@@ -733,9 +923,9 @@ pub fn train(
         progress.correct = 0;
         progress.seen = 0;
         write_metrics(dir, &cfg, &progress.history)?;
-        save_checkpoint(dir, &cfg, &model, &state, &progress)?;
+        save_checkpoint(dir, &cfg, &trainer, &progress)?;
     }
-    let final_model = optim::ema_model(&model, &state);
+    let final_model = trainer.eval_model(&cfg, &train_ds, &subset, cfg.seed ^ 0xBA7C);
     let model_path = dir.join("model.safetensors");
     weights::save_model(&final_model, &model_path, &cfg.preprocess(), &train_ds.classes)?;
     let labels = serde_json::to_vec_pretty(&train_ds.classes).map_err(|e| Error::Invalid(e.to_string()))?;
