@@ -44,6 +44,13 @@ pub struct BenchConfig {
     pub threads: Option<usize>,
     #[serde(default = "f32_precision")]
     pub precision: Precision,
+    /// Channel multiplier (1.0: the published network).
+    #[serde(default = "unit_width")]
+    pub width: f64,
+}
+
+fn unit_width() -> f64 {
+    1.0
 }
 
 fn f32_precision() -> Precision {
@@ -137,7 +144,7 @@ pub fn run(cfg: &BenchConfig, device: &Device) -> Result<BenchReport> {
     }
     check_memory(cfg.model, cfg.batch, cfg.size, cfg.mode == BenchMode::Train)?;
     let before = loadavg();
-    let mcfg = ModelConfig::new(cfg.model, 1000);
+    let mcfg = ModelConfig { width: cfg.width, ..ModelConfig::new(cfg.model, 1000) };
     let shape = [cfg.batch, 3, cfg.size, cfg.size];
     let (times, feature_rms, weight_mb) = match cfg.mode {
         BenchMode::Infer => {

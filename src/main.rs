@@ -139,6 +139,9 @@ enum Cmd {
         /// synthetic images).
         #[arg(long, default_value = "f32", value_parser = ["f32", "int8"])]
         precision: String,
+        /// Channel multiplier, in (0, 4].
+        #[arg(long, default_value_t = 1.0, value_parser = args::width)]
+        width: f64,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -530,7 +533,7 @@ fn run(cli: Cli) -> Result<bool> {
             }
             Ok(rows.iter().all(|r| r.ok))
         }
-        Cmd::Bench { model, batch, size, mode, threads, warmup, runs, precision, json } => {
+        Cmd::Bench { model, batch, size, mode, threads, warmup, runs, precision, width, json } => {
             let mode = if mode == "train" { bench::BenchMode::Train } else { bench::BenchMode::Infer };
             let precision = if precision == "int8" { bench::Precision::Int8 } else { bench::Precision::F32 };
             let cfg = bench::BenchConfig {
@@ -544,6 +547,7 @@ fn run(cli: Cli) -> Result<bool> {
                 engine,
                 threads,
                 precision,
+                width,
             };
             let r = bench::run(&cfg, &dev)?;
             if json {

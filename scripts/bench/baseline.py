@@ -25,9 +25,20 @@ import time
 import torch
 
 
-def build(name):
-    import timm
-    m = timm.create_model(name, pretrained=False, num_classes=1000)
+def build(name, width=1.0):
+    if width != 1.0:
+        if name != "inception_resnet_v1":
+            raise SystemExit("--width: only inception_resnet_v1 (facenet layout) has a scaled PyTorch twin")
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from ir_v1_scaled import ir_v1
+        m = ir_v1(width, 1000)
+    elif name == "inception_resnet_v1":
+        from facenet_pytorch import InceptionResnetV1
+        m = InceptionResnetV1(classify=True, num_classes=1000)
+        m.dropout.p = 0.0
+    else:
+        import timm
+        m = timm.create_model(name, pretrained=False, num_classes=1000)
     with torch.no_grad():
         for mod in m.modules():
             if isinstance(mod, torch.nn.BatchNorm2d):
@@ -77,6 +88,7 @@ def main():
     ap.add_argument("--size", type=int, default=299)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--mode", choices=["infer", "train"], default="infer")
+    ap.add_argument("--width", type=float, default=1.0, help="channel multiplier (inception_resnet_v1 only)")
     ap.add_argument("--systems", nargs="*", default=["torch", "torch_cl", "ort", "openvino"],
                     help="torch torch_cl ort openvino ort_int8")
     ap.add_argument("--warmup", type=int, default=2)
@@ -88,7 +100,7 @@ def main():
     torch.manual_seed(0)
     x = torch.rand(args.batch, 3, args.size, args.size) * 2 - 1
     if args.mode == "train":
-        m = build(args.model).train()
+        m = build(args.model, args.width).train()
         opt = torch.optim.RMSprop(m.parameters(), lr=0.045, alpha=0.9, eps=1.0, momentum=0.9)
         y = torch.arange(args.batch) * 37 % 1000
 
@@ -99,7 +111,7 @@ def main():
 
         report("torch", args, timed(step, args.warmup, args.runs))
         return
-    m = build(args.model).eval()
+    m = build(args.model, args.width).eval()
     if "torch" in args.systems:
         with torch.inference_mode():
             report("torch", args, timed(lambda: m(x), args.warmup, args.runs))

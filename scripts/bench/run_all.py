@@ -1,8 +1,17 @@
-"""Run `inception bench` and the Python baselines back to back on this machine and write
-BENCHMARKS.md with ratios (ours / theirs). Dev tool; needs torch, timm, onnxruntime, onnx.
+"""Run `inception bench` and the Python baselines back to back on this machine and write the
+generated table of BENCHMARKS.md (between its `<!-- generated:begin -->` and
+`<!-- generated:end -->` markers) with ratios ours / theirs. Dev tool; needs torch, timm,
+onnxruntime, onnx, openvino (and facenet-pytorch for the demo row).
 
     cargo build --release
-    python3 scripts/bench/run_all.py --threads 2 --out BENCHMARKS.md
+    python3 scripts/bench/run_all.py --threads 2
+
+Rows: f32 inference at batch 1 and 8 against PyTorch eager (NCHW, channels_last), ONNX Runtime
+and OpenVINO; int8 inference against ONNX Runtime's static int8 (and against our own f32: the
+speed-up); a training step at batch 8 (our CPU engine, TF-RMSProp + EMA) against PyTorch eager;
+the demo's training configuration (IR-v1 x0.25, 75 px, batch 32). Each row alternates ours and
+theirs `--rounds` times and keeps each system's best median (the host drifts by tens of percent
+within minutes); the load averages are recorded before each side.
 """
 import argparse
 import datetime
@@ -15,32 +24,22 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.normpath(os.path.join(HERE, "../.."))
 FLOOR_GFLOP = {"inception_resnet_v2": 26.31, "inception_v4": 24.51}  # per 299 px image, 2 x MACs
+BEGIN, END = "<!-- generated:begin -->", "<!-- generated:end -->"
 
 
-def nominal_peak_gflops(threads):
-    """f32 peak from /proc/cpuinfo: MHz x threads x flops/cycle (2 FMA pipes x 8 lanes x 2 with AVX2,
-    x 16 lanes with AVX-512). Under a hypervisor the listed MHz is often the base clock, below the
-    clock the cores really run at, so the table uses the measured peak `inception bench` reports."""
-    mhz, avx512 = 0.0, False
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("cpu MHz") and not mhz:
-            mhz = float(line.split(":")[1])
-        if line.startswith("flags"):
-            avx512 = "avx512f" in line.split()
-    return mhz / 1e3 * threads * (64 if avx512 else 32)
-
-
-def ours(binary, model, batch, mode, threads, runs):
-    out = subprocess.run([binary, "bench", "--model", model, "--batch", str(batch), "--mode", mode,
-                          "--threads", str(threads), "--runs", str(runs), "--warmup", "1", "--json"],
-                         check=True, capture_output=True, text=True).stdout
+def ours(binary, model, batch, mode, threads, runs, precision="f32", size=299, width=1.0, engine="fast"):
+    cmd = [binary, "--engine", engine, "bench", "--model", model, "--batch", str(batch), "--mode", mode,
+           "--threads", str(threads), "--runs", str(runs), "--warmup", "2" if mode == "train" else "1",
+           "--precision", precision, "--size", str(size), "--width", str(width), "--json"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def theirs(model, batch, mode, threads, runs):
-    out = subprocess.run([sys.executable, os.path.join(HERE, "baseline.py"), "--model", model, "--batch", str(batch),
-                          "--mode", mode, "--threads", str(threads), "--runs", str(runs), "--warmup", "1"],
-                         check=True, capture_output=True, text=True).stdout
+def theirs(model, batch, mode, threads, runs, systems, size=299, width=1.0):
+    cmd = [sys.executable, os.path.join(HERE, "baseline.py"), "--model", model, "--batch", str(batch), "--mode", mode,
+           "--threads", str(threads), "--runs", str(runs), "--warmup", "2" if mode == "train" else "1",
+           "--size", str(size), "--width", str(width), "--systems", *systems]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return [json.loads(l) for l in out.splitlines() if l.startswith("{")]
 
 
@@ -54,61 +53,94 @@ def cpu_name():
     return platform.processor()
 
 
+def cpu_flags():
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("flags"):
+            f = line.split()
+            return ", ".join(x for x in ["avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni"] if x in f)
+    return ""
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--binary", default=os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release/inception"))
+    ap.add_argument("--binary", default=os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")),
+                                                     "release/inception"))
     ap.add_argument("--models", nargs="*", default=["inception_resnet_v2", "inception_v4"])
     ap.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
-    ap.add_argument("--json-out", default=os.path.join(ROOT, "bench_results.json"))
-    ap.add_argument("--rounds", type=int, default=2,
-                    help="alternate ours / theirs this many times per row and keep each system's best median "
-                         "(the host's speed drifts by tens of percent within minutes)")
+    ap.add_argument("--json-out", default=os.path.join(HERE, f"results_{datetime.date.today()}.json"))
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--no-demo", action="store_true", help="skip the demo-configuration training row")
     args = ap.parse_args()
-    rows, raw, peaks = [], [], []
+    # (label, model, mode, batch, precision, baselines, size, width)
+    plan = []
     for model in args.models:
-        for mode, batch, runs in [("infer", 1, 10), ("infer", 8, 5), ("train", 8, 3)]:
-            o, ts = None, {}
-            for _ in range(args.rounds):
-                r = ours(args.binary, model, batch, mode, args.threads, runs)
-                if o is None or r["median_ms"] < o["median_ms"]:
-                    o = r
-                peaks.append(r["fma_peak_gflops_per_core"])
-                for t in theirs(model, batch, mode, args.threads, runs):
-                    if t["system"] not in ts or t["median_ms"] < ts[t["system"]]["median_ms"]:
-                        ts[t["system"]] = t
-            ts = list(ts.values())
-            raw.append({"ours": o, "theirs": ts})
-            print(model, mode, batch, o["median_ms"], [(t["system"], round(t["median_ms"], 1)) for t in ts], flush=True)
-            for t in ts:
-                rows.append((model, mode, batch, t["system"], o["median_ms"], t["median_ms"], o["median_ms"] / t["median_ms"],
-                             o["peak_rss_mb"], t["peak_rss_mb"], o["loadavg_before"], t["loadavg"]))
-    # one peak for every row: the best of all the bench runs' measurements
+        for batch, runs in [(1, 10), (8, 4)]:
+            plan.append((model, "infer", batch, "f32", ["torch", "torch_cl", "ort", "openvino"], 299, 1.0, runs))
+            plan.append((model, "infer", batch, "int8", ["ort_int8"], 299, 1.0, runs))
+        plan.append((model, "train", 8, "f32", ["torch"], 299, 1.0, 3))
+    if not args.no_demo:
+        plan.append(("inception_resnet_v1", "train", 32, "f32", ["torch"], 75, 0.25, 5))
+    rows, raw, peaks, own_f32 = [], [], [], {}
+    for model, mode, batch, precision, systems, size, width, runs in plan:
+        o, ts = None, {}
+        for _ in range(args.rounds):
+            r = ours(args.binary, model, batch, mode, args.threads, runs, precision, size, width)
+            if o is None or r["median_ms"] < o["median_ms"]:
+                o = r
+            peaks.append(r["fma_peak_gflops_per_core"])
+            for t in theirs(model, batch, mode, args.threads, runs, systems, size, width):
+                if t["system"] not in ts or t["median_ms"] < ts[t["system"]]["median_ms"]:
+                    ts[t["system"]] = t
+        if precision == "f32" and mode == "infer":
+            own_f32[(model, batch)] = o
+        raw.append({"ours": o, "theirs": list(ts.values())})
+        print(model, mode, batch, precision, o["median_ms"], [(k, round(t["median_ms"], 1)) for k, t in ts.items()],
+              flush=True)
+        label = model if width == 1.0 else f"{model} x{width} ({size} px)"
+        for t in ts.values():
+            rows.append((label, mode, batch, precision, t["system"], o["median_ms"], t["median_ms"], o["peak_rss_mb"],
+                         t["peak_rss_mb"], o["loadavg_before"], t["loadavg"], model, size))
+        if precision == "int8" and (model, batch) in own_f32:
+            f = own_f32[(model, batch)]
+            rows.append((label, mode, batch, precision, "ours f32", o["median_ms"], f["median_ms"], o["peak_rss_mb"],
+                         f["peak_rss_mb"], o["loadavg_before"], f["loadavg_before"], model, size))
     peak = max(peaks) * args.threads
     with open(args.json_out, "w") as f:
         json.dump(raw, f, indent=1)
     import torch
     lines = [
-        "# Benchmarks",
-        "",
         f"Generated by `python3 scripts/bench/run_all.py --threads {args.threads}` on {datetime.date.today()}: "
-        f"{cpu_name()}, {os.cpu_count()} cores, {args.threads} threads, 299 px, f32, random weights. "
-        f"torch {torch.__version__}; ours: inference on the `fast` engine, training on burn 0.22.1 `flex`. "
-        f"Each row alternates ours and theirs {args.rounds} times and keeps each system's best median; ratio = ours / theirs "
-        "(< 1 means we are faster). Load average recorded before each side ran.",
+        f"{cpu_name()} ({cpu_flags()}), {os.cpu_count()} cores, {args.threads} threads, random weights with "
+        f"non-trivial BatchNorm. torch {torch.__version__}. Ours: inference on the `fast` engine (f32, or int8 "
+        "from `--precision int8`), training on our CPU training engine. Each row alternates ours and theirs "
+        f"{args.rounds} times and keeps each system's best median; ratio = ours / theirs (< 1: we are faster). "
+        f"Raw numbers: `{os.path.relpath(args.json_out, ROOT)}`.",
         "",
-        "| model | mode | batch | baseline | ours ms | theirs ms | ratio | ours RSS MiB | theirs RSS MiB | floor ms | load (ours / theirs) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | mode | batch | precision | baseline | ours ms | theirs ms | ratio | ours RSS MiB | theirs RSS MiB "
+        "| floor ms | load (ours / theirs) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (model, mode, batch, *cols, load_o, load_t) in rows:
-        floor_ms = FLOOR_GFLOP[model] * batch * (3 if mode == "train" else 1) / peak * 1e3
-        lines.append("| {} | {} | {} | {} | {:.0f} | {:.0f} | **{:.2f}** | {:.0f} | {:.0f} | {:.0f} | {} / {} |".format(
-            model, mode, batch, *cols, floor_ms, load_o, load_t))
+    for (label, mode, batch, precision, system, om, tm, orss, trss, lo, lt, model, size) in rows:
+        floor = FLOOR_GFLOP.get(model)
+        floor_ms = "-" if floor is None or size != 299 or precision != "f32" else \
+            "{:.0f}".format(floor * batch * (3 if mode == "train" else 1) / peak * 1e3)
+        lines.append(f"| {label} | {mode} | {batch} | {precision} | {system} | {om:.1f} | {tm:.1f} | **{om / tm:.2f}** "
+                     f"| {orss:.0f} | {trss:.0f} | {floor_ms} | {lo} / {lt} |")
     lines += ["", f"Floor: 2 x MACs at the measured f32 FMA peak of {args.threads} cores, {peak:.0f} GFLOP/s "
-              f"(`inception bench` times 12 independent FMA chains per core; /proc/cpuinfo's clock would say "
-              f"{nominal_peak_gflops(args.threads):.0f}); x3 FLOPs for a training step.", ""]
+              "(`inception bench` times 12 independent FMA chains per core with the widest vectors the GEMM "
+              "uses); x3 FLOPs for a training step. `ours f32` rows: the int8 time against our own f32 time "
+              "(the speed-up is its inverse)."]
+    text = "\n".join(lines)
+    doc = open(args.out).read() if os.path.exists(args.out) else ""
+    if BEGIN in doc and END in doc:
+        head, rest = doc.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        doc = f"{head}{BEGIN}\n{text}\n{END}{tail}"
+    else:
+        doc = f"# Benchmarks\n\n{BEGIN}\n{text}\n{END}\n" + doc
     with open(args.out, "w") as f:
-        f.write("\n".join(lines))
+        f.write(doc)
     print("wrote", args.out)
 
 
