@@ -589,17 +589,10 @@ pub struct TrainSummary {
 
 /// The executor of a run: burn's autodiff (any device), or the CPU training engine.
 enum Trainer {
-    Burn {
-        model: Model,
-        state: OptimState,
-        replicas: Vec<Device>,
-    },
+    /// `model` is `None` only while a step updates it.
+    Burn { model: Option<Model>, state: OptimState, replicas: Vec<Device> },
     /// `template`: a model of the run's structure on the CPU, for evaluation and export.
-    Fast {
-        net: fast::Net,
-        st: fast::OptState,
-        template: Model,
-    },
+    Fast { net: fast::Net, st: fast::OptState, template: Model },
 }
 
 /// What one step saw: mean loss, the scores and labels of the images it read.
@@ -623,7 +616,7 @@ impl Trainer {
                 let replicas = (0..cfg.devices.max(1))
                     .map(|i| if i == 0 { ad.clone() } else { replica_device(device, i).autodiff() })
                     .collect();
-                Trainer::Burn { model, state, replicas }
+                Trainer::Burn { model: Some(model), state, replicas }
             }
         }
     }
@@ -662,51 +655,71 @@ impl Trainer {
                 fast::update_ema(&net.slots, st, &cfg.optim);
                 Ok(Some(Stepped { loss: out.loss, scores: out.logits, labels: b.labels }))
             }
-            Trainer::Burn { model, state, replicas } => {
-                let ad = replicas[0].clone();
-                let loss_fn = CrossEntropyLossConfig::new().with_smoothing(Some(cfg.label_smoothing as f32)).init(&ad);
-                let shard_len = idx.len().div_ceil(replicas.len()).max(1);
-                // dropout draws from the backend's RNG: seed it per step, so a resumed run draws
-                // exactly what the uninterrupted run drew at this step
-                for d in replicas.iter() {
-                    d.seed(step_seed);
-                }
-                let (mut grads, mut lv, mut scores, mut labels) = (Vec::new(), 0f64, Vec::new(), Vec::new());
-                for (shard, dev) in idx.chunks(shard_len).zip(replicas.iter()) {
-                    let Some(b) = load_batch(ds, shard, aug, batch_seed, dev) else {
-                        *skipped += shard.len();
-                        continue;
-                    };
-                    for (p, why) in &b.skipped {
-                        eprintln!("skipped {p}: {why}");
-                    }
-                    *skipped += b.skipped.len();
-                    let share = b.label_vec.len() as f64 / idx.len() as f64;
-                    let replica = if *dev == ad { None } else { Some(model.clone().fork(dev)) };
-                    let m = replica.as_ref().unwrap_or(model);
-                    let logits = m.forward(b.images);
-                    let loss = loss_fn.forward(logits.clone(), b.labels.to_device(dev)).mul_scalar(share);
-                    lv += loss.clone().into_scalar::<f32>() as f64;
-                    scores
-                        .extend(logits.inner().into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default());
-                    labels.extend(b.label_vec);
-                    grads.push(GradientsParams::from_grads(loss.backward(), m).to_device(&ad, model));
-                }
-                if labels.is_empty() {
+            Trainer::Burn { model: slot, state, replicas } => {
+                let model = slot.take().expect("the model between steps");
+                let r = Self::burn_step(&model, cfg, ds, idx, aug, batch_seed, step_seed, replicas, skipped);
+                let Some((grads, st)) = r else {
+                    *slot = Some(model);
                     return Ok(None);
+                };
+                if !st.loss.is_finite() {
+                    *slot = Some(model);
+                    return Ok(Some(st));
                 }
-                let lv = lv * idx.len() as f64 / labels.len() as f64;
-                if !lv.is_finite() {
-                    return Ok(Some(Stepped { loss: lv, scores, labels }));
-                }
-                let grads = optim::merge_grads(model, grads);
-                let m = std::mem::replace(model, Model::new(&model.config(), &ad));
-                let (m, _norm) = optim::step(m, grads, state, &cfg.optim, lr, frozen);
-                *model = m;
-                optim::update_ema(model, state, &cfg.optim);
-                Ok(Some(Stepped { loss: lv, scores, labels }))
+                let (model, _norm) = optim::step(model, grads, state, &cfg.optim, lr, frozen);
+                optim::update_ema(&model, state, &cfg.optim);
+                *slot = Some(model);
+                Ok(Some(st))
             }
         }
+    }
+
+    /// burn's forward and backward over the replicas: the merged gradients and what the step saw.
+    #[allow(clippy::too_many_arguments)]
+    fn burn_step(
+        model: &Model,
+        cfg: &TrainConfig,
+        ds: &Dataset,
+        idx: &[usize],
+        aug: &Transform,
+        batch_seed: u64,
+        step_seed: u64,
+        replicas: &[Device],
+        skipped: &mut usize,
+    ) -> Option<(GradientsParams, Stepped)> {
+        let ad = replicas[0].clone();
+        let loss_fn = CrossEntropyLossConfig::new().with_smoothing(Some(cfg.label_smoothing as f32)).init(&ad);
+        let shard_len = idx.len().div_ceil(replicas.len()).max(1);
+        // dropout draws from the backend's RNG: seed it per step, so a resumed run draws
+        // exactly what the uninterrupted run drew at this step
+        for d in replicas.iter() {
+            d.seed(step_seed);
+        }
+        let (mut grads, mut lv, mut scores, mut labels) = (Vec::new(), 0f64, Vec::new(), Vec::new());
+        for (shard, dev) in idx.chunks(shard_len).zip(replicas.iter()) {
+            let Some(b) = load_batch(ds, shard, aug, batch_seed, dev) else {
+                *skipped += shard.len();
+                continue;
+            };
+            for (p, why) in &b.skipped {
+                eprintln!("skipped {p}: {why}");
+            }
+            *skipped += b.skipped.len();
+            let share = b.label_vec.len() as f64 / idx.len() as f64;
+            let replica = if *dev == ad { None } else { Some(model.clone().fork(dev)) };
+            let m = replica.as_ref().unwrap_or(model);
+            let logits = m.forward(b.images);
+            let loss = loss_fn.forward(logits.clone(), b.labels.to_device(dev)).mul_scalar(share);
+            lv += loss.clone().into_scalar::<f32>() as f64;
+            scores.extend(logits.inner().into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default());
+            labels.extend(b.label_vec);
+            grads.push(GradientsParams::from_grads(loss.backward(), m).to_device(&ad, model));
+        }
+        if labels.is_empty() {
+            return None;
+        }
+        let lv = lv * idx.len() as f64 / labels.len() as f64;
+        Some((optim::merge_grads(model, grads), Stepped { loss: lv, scores, labels }))
     }
 
     /// The checkpoint's tensors: the model under `model.`, optimizer and EMA state under `ms.`,
@@ -715,6 +728,7 @@ impl Trainer {
         let mut t = BTreeMap::new();
         match self {
             Trainer::Burn { model, state, .. } => {
+                let model = model.as_ref().expect("the model between steps");
                 // `valid()` folds BatchNorm's pending running-statistics update into its value
                 // (burn keeps the last update aside until the next one); exporting `model`
                 // itself would save statistics one step behind and a resumed run would diverge
@@ -747,7 +761,9 @@ impl Trainer {
     /// statistics recomputed for them on training batches).
     fn eval_model(&self, cfg: &TrainConfig, ds: &Dataset, subset: &[usize], seed: u64) -> Model {
         match self {
-            Trainer::Burn { model, state, .. } => optim::ema_model(model, state),
+            Trainer::Burn { model, state, .. } => {
+                optim::ema_model(model.as_ref().expect("the model between steps"), state)
+            }
             Trainer::Fast { net, st, template } => {
                 if st.ema.is_empty() {
                     return net.to_model(template.clone());
