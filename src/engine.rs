@@ -17,6 +17,7 @@ use rayon::prelude::*;
 use crate::models::ModelKind;
 use crate::quant::{ActStats, quantize_u8};
 use crate::sgemm::{self, PackedB, PackedQ, Rows};
+use crate::winograd::Winograd;
 
 /// An NHWC activation.
 #[derive(Clone, Debug)]
@@ -74,7 +75,7 @@ impl Act {
 
 /// How a convolution's result is written.
 #[derive(Clone, Copy)]
-enum StoreMode {
+pub(crate) enum StoreMode {
     /// `dst = AB + bias`, then ReLU if asked.
     Store { relu: bool },
     /// `dst = dst + scale * (AB + bias)`, then ReLU if asked (the residual sum).
@@ -95,6 +96,8 @@ pub struct Conv {
     relu: bool,
     /// Calibration: statistics of every input this convolution sees (`crate::quant`).
     probe: Option<Arc<Mutex<ActStats>>>,
+    /// The same f32 convolution as Winograd F(4x4, 3x3), where chosen at load.
+    wino: Option<Arc<Winograd>>,
 }
 
 /// A convolution's weights: f32, or int8 (`crate::quant`).
@@ -166,8 +169,27 @@ impl Conv {
         relu: bool,
     ) -> Self {
         let k = kernel[0] * kernel[1] * cin;
-        let w = Weights::F32(PackedB::new(w, k, cout));
-        Self { cin, cout, kernel, stride, pad, w, b: bias, relu, probe: None }
+        let packed = Weights::F32(PackedB::new(w, k, cout));
+        let mut conv = Self { cin, cout, kernel, stride, pad, w: packed, b: bias, relu, probe: None, wino: None };
+        let direct = |x: &Act| {
+            let (oh, ow) = conv.out_hw(x.h, x.w);
+            let mut y = Act::zeros(x.n, oh, ow, cout);
+            conv.run_direct_into(x, &mut y.data, cout, 0, StoreMode::Store { relu });
+            y
+        };
+        conv.wino = Winograd::for_conv(w, (kernel, stride, pad), cin, cout, (&conv.b, relu), direct).map(Arc::new);
+        conv
+    }
+
+    /// Whether this convolution runs as Winograd F(4x4, 3x3).
+    pub fn is_winograd(&self) -> bool {
+        self.wino.is_some()
+    }
+
+    /// The same convolution run directly (one GEMM), for comparisons.
+    pub fn without_winograd(mut self) -> Self {
+        self.wino = None;
+        self
     }
 
     /// The f32 weights `[kh * kw * cin, cout]` (`None` once quantized).
@@ -187,6 +209,7 @@ impl Conv {
         let col_scale: Vec<f32> = w.scale().iter().map(|s| s * t.x_scale).collect();
         let z = t.x_zero as f32;
         let bias = self.b.iter().zip(&col_scale).zip(w.col_sums()).map(|((b, s), n)| b - s * z * *n as f32).collect();
+        self.wino = None;
         self.w = Weights::Int8 { w, cin4, x_scale: t.x_scale, x_zero: t.x_zero, col_scale, bias };
     }
 
@@ -242,6 +265,14 @@ impl Conv {
         if let Some(p) = &self.probe {
             p.lock().unwrap_or_else(|e| e.into_inner()).observe(&x.data);
         }
+        match (&self.w, &self.wino) {
+            (Weights::F32(_), Some(wino)) => wino.run_into(x, dst, ld, off, &self.b, mode),
+            _ => self.run_direct_into(x, dst, ld, off, mode),
+        }
+    }
+
+    /// [`Conv::run_into`] as one GEMM (never Winograd).
+    pub(crate) fn run_direct_into(&self, x: &Act, dst: &mut [f32], ld: usize, off: usize, mode: StoreMode) {
         let (oh, ow) = self.out_hw(x.h, x.w);
         let bias = match &self.w {
             Weights::F32(_) => &self.b,
@@ -261,7 +292,8 @@ impl Conv {
         }
     }
 
-    pub(crate) fn run(&self, x: &Act) -> Act {
+    /// Run on `x` into a new activation.
+    pub fn run(&self, x: &Act) -> Act {
         let (oh, ow) = self.out_hw(x.h, x.w);
         let mut y = Act::zeros(x.n, oh, ow, self.cout);
         self.run_into(x, &mut y.data, self.cout, 0, StoreMode::Store { relu: self.relu });

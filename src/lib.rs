@@ -51,3 +51,4 @@ pub mod serve;
 pub mod sgemm;
 pub mod summary;
 pub mod train;
+pub mod winograd;

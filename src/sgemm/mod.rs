@@ -586,6 +586,16 @@ pub struct Scratch {
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f` with every GEMM it calls on the calling thread only (for callers that are already
+/// one of many parallel tasks, like the Winograd tile chunks).
+pub fn serial<R>(f: impl FnOnce() -> R) -> R {
+    let was = SERIAL.with(|s| s.replace(true));
+    let r = f();
+    SERIAL.with(|s| s.set(was));
+    r
 }
 
 /// `C[r, c0 + j]` (row stride `ldc`) for `r < m`, `j < b.n()`.
@@ -673,7 +683,7 @@ fn drive<K: Kernel>(
     // row tiles of equal size (a multiple of MR, at most MC)
     let mc = m.div_ceil(m.div_ceil(MC)).next_multiple_of(MR);
     let mtiles = m.div_ceil(mc);
-    let threads = rayon::current_num_threads().max(1);
+    let threads = if SERIAL.with(|s| s.get()) { 1 } else { rayon::current_num_threads().max(1) };
     // with few row tiles, split the columns too, into a task count that spreads evenly
     let nchunks = if mtiles >= 3 * threads {
         1

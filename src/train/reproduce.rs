@@ -78,10 +78,10 @@ pub fn plan(exp: Experiment, budget: Budget, data: &str) -> Vec<Arm> {
         (Experiment::ResidualSpeedup, Budget::Quick) => (8, Some(18), Some(400)),
         (Experiment::ResidualSpeedup, Budget::Medium) => (15, Some(40), Some(500)),
         (Experiment::ResidualSpeedup, Budget::Full) => (60, Some(1000), None),
-        // 9 runs of ~70 s; 9 runs of ~6 min: 2,400 steps each (the CPU training engine takes
-        // ~0.15 s a step of the width-0.6 net at batch 32, burn took ~1 s)
+        // 9 runs of ~70 s; 9 runs of ~12 min: 1,200 steps each (the CPU training engine takes
+        // ~0.55 s a step of the width-0.6 net at batch 32 on 2 Zen 3 cores, ~0.22 s on Zen 5)
         (Experiment::ResidualScaling, Budget::Quick) => (6, Some(10), Some(256)),
-        (Experiment::ResidualScaling, Budget::Medium) => (40, Some(60), Some(500)),
+        (Experiment::ResidualScaling, Budget::Medium) => (20, Some(60), Some(500)),
         (Experiment::ResidualScaling, Budget::Full) => (200, Some(500), Some(2000)),
     };
     base.epochs = epochs;
