@@ -1,6 +1,7 @@
-//! Direct (one GEMM) against Winograd F(4x4, 3x3) on the 3x3 stride-1 convolutions of
-//! Inception-ResNet-v2 and Inception-v4 at 299 px, batch 1: median time of each, and the
-//! largest difference relative to the largest output.
+//! Direct (one GEMM) against Winograd (F(4x4, 3x3), 1-D F(m, 7) and F(m, 3)) on the
+//! stride-1 3x3, 1x7 / 7x1 and 1x3 / 3x1 convolutions of Inception-ResNet-v2 and Inception-v4
+//! at 299 px, batch 1: median time of each, and the largest difference relative to the
+//! largest output.
 //!
 //! `cargo run --release --example conv_algos [runs]`
 
@@ -33,26 +34,34 @@ fn median_ms(runs: usize, f: impl Fn()) -> f64 {
 
 fn main() {
     let runs: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(9);
-    // (layer, input h = w, cin, cout, padding)
+    // (layer, input h = w, cin, cout, kernel, padding)
     let layers = [
-        ("stem 2a (valid)", 149, 32, 32, 0),
-        ("stem 2b", 147, 32, 64, 1),
-        ("stem 4a (valid)", 73, 80, 192, 0),
-        ("5b / A 3x3", 35, 64, 96, 1),
-        ("5b / A 3x3", 35, 96, 96, 1),
-        ("block35", 35, 32, 32, 1),
-        ("block35", 35, 32, 48, 1),
-        ("block35", 35, 48, 64, 1),
-        ("6a (IR-v2)", 35, 256, 256, 1),
-        ("6a (v4)", 35, 192, 224, 1),
-        ("7a (IR-v2)", 17, 256, 288, 1),
+        ("stem 2a (valid)", 149, 32, 32, [3, 3], [0, 0]),
+        ("stem 2b", 147, 32, 64, [3, 3], [1, 1]),
+        ("stem 4a (valid)", 73, 80, 192, [3, 3], [0, 0]),
+        ("5b / A 3x3", 35, 64, 96, [3, 3], [1, 1]),
+        ("5b / A 3x3", 35, 96, 96, [3, 3], [1, 1]),
+        ("block35", 35, 32, 32, [3, 3], [1, 1]),
+        ("block35", 35, 32, 48, [3, 3], [1, 1]),
+        ("block35", 35, 48, 64, [3, 3], [1, 1]),
+        ("6a (IR-v2)", 35, 256, 256, [3, 3], [1, 1]),
+        ("6a (v4)", 35, 192, 224, [3, 3], [1, 1]),
+        ("7a (IR-v2)", 17, 256, 288, [3, 3], [1, 1]),
+        ("block17 1x7", 17, 128, 160, [1, 7], [0, 3]),
+        ("block17 7x1", 17, 160, 192, [7, 1], [3, 0]),
+        ("B 1x7 (v4)", 17, 192, 224, [1, 7], [0, 3]),
+        ("B 7x1 (v4)", 17, 224, 256, [7, 1], [3, 0]),
+        ("B 7x1 (v4)", 17, 192, 192, [7, 1], [3, 0]),
+        ("reduction-B 7x1 (v4)", 17, 256, 320, [7, 1], [3, 0]),
+        ("block8 1x3", 8, 192, 224, [1, 3], [0, 1]),
+        ("block8 3x1", 8, 224, 256, [3, 1], [1, 0]),
     ];
     println!("| layer | input | direct ms | Winograd ms | speed-up | rel. error |");
     println!("|---|---|---|---|---|---|");
-    for (name, hw, cin, cout, pad) in layers {
-        let w = data(cout * cin * 9, cin as u32, -1.0);
+    for (name, hw, cin, cout, [kh, kw], pad) in layers {
+        let w = data(cout * cin * kh * kw, cin as u32, -1.0);
         let ones = vec![1.0; cout];
-        let wino = Conv::new(&w, [cout, cin, 3, 3], 1, [pad, pad], &ones, vec![0.0; cout], false);
+        let wino = Conv::new(&w, [cout, cin, kh, kw], 1, pad, &ones, vec![0.0; cout], false);
         let direct = wino.clone().without_winograd();
         let mut x = Act::zeros(1, hw, hw, cin);
         x.data = data(x.data.len(), 5, 0.0);
@@ -62,9 +71,6 @@ fn main() {
         let td = median_ms(runs, || drop(direct.run(&x)));
         let tw = median_ms(runs, || drop(wino.run(&x)));
         let used = if wino.is_winograd() { "" } else { " (not chosen)" };
-        println!(
-            "| {name}{used} | {hw}x{hw}x{cin} -> {cout} | {td:.2} | {tw:.2} | {:.2}x | {err:.1e} |",
-            td / tw
-        );
+        println!("| {name}{used} | {hw}x{hw}x{cin} -> {cout} | {td:.2} | {tw:.2} | {:.2}x | {err:.1e} |", td / tw);
     }
 }

@@ -71,6 +71,9 @@ pub struct BenchReport {
     pub loadavg_after: String,
     /// This machine's measured f32 FMA peak of one core (GFLOP/s), for the distance to the floor.
     pub fma_peak_gflops_per_core: f64,
+    /// Fast engine, f32: convolutions run as Winograd, and all convolutions.
+    #[serde(default)]
+    pub winograd_convs: Option<(usize, usize)>,
 }
 
 /// `/proc/loadavg`'s first three fields ("" where unavailable).
@@ -146,13 +149,14 @@ pub fn run(cfg: &BenchConfig, device: &Device) -> Result<BenchReport> {
     let before = loadavg();
     let mcfg = ModelConfig { width: cfg.width, ..ModelConfig::new(cfg.model, 1000) };
     let shape = [cfg.batch, 3, cfg.size, cfg.size];
+    let mut winograd = None;
     let (times, feature_rms, weight_mb) = match cfg.mode {
         BenchMode::Infer => {
             let model = Model::new(&mcfg, device);
             let weight_mb = model.num_params() as f64 * 4.0 / (1 << 20) as f64;
             let n: usize = shape.iter().product();
             let x: Vec<f32> = (0..n).map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0).collect();
-            let p = match cfg.precision {
+            let mut p = match cfg.precision {
                 Precision::F32 => Predictor::new(model, cfg.engine, device),
                 Precision::Int8 => {
                     if cfg.engine != EngineKind::Fast {
@@ -174,6 +178,9 @@ pub fn run(cfg: &BenchConfig, device: &Device) -> Result<BenchReport> {
             let times = time_runs(cfg, || {
                 let _ = p.run(&x, shape, false);
             });
+            if let Predictor::Fast(e) = &mut p {
+                winograd = Some(e.winograd_count());
+            }
             (times, feature_rms, weight_mb)
         }
         BenchMode::Train if cfg.engine == EngineKind::Fast => {
@@ -237,6 +244,7 @@ pub fn run(cfg: &BenchConfig, device: &Device) -> Result<BenchReport> {
         loadavg_before: before,
         loadavg_after: loadavg(),
         fma_peak_gflops_per_core: crate::sgemm::fma_peak_gflops(),
+        winograd_convs: winograd,
     })
 }
 
@@ -262,6 +270,10 @@ impl std::fmt::Display for BenchReport {
             self.weight_mb,
             self.loadavg_before,
             self.loadavg_after
-        )
+        )?;
+        if let Some((w, n)) = self.winograd_convs {
+            write!(f, ", {w} of {n} convolutions as Winograd")?;
+        }
+        Ok(())
     }
 }

@@ -681,6 +681,12 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// How many convolutions run as Winograd, of all.
+    pub fn winograd_count(&mut self) -> (usize, usize) {
+        let convs = self.convs_mut();
+        (convs.iter().filter(|c| c.is_winograd()).count(), convs.len())
+    }
+
     /// Every convolution, in a fixed order (blocks in turn; in a block the merged 1x1, the
     /// branches' ops and tails, the residual up-projection): how `crate::quant` names them.
     pub fn convs_mut(&mut self) -> Vec<&mut Conv> {

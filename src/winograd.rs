@@ -1,14 +1,16 @@
-//! Winograd's minimal filtering F(4x4, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional
-//! Neural Networks", 2016) for the frozen engine's 3x3 stride-1 convolutions: a 4x4 output
-//! tile comes from a 6x6 input tile with 36 products per (input, output) channel pair instead
-//! of 144, a quarter of the multiply-adds.
+//! Winograd's minimal filtering (Lavin & Gray, "Fast Algorithms for Convolutional Neural
+//! Networks", 2016) for the frozen engine's stride-1 convolutions: F(4x4, 3x3) for 3x3 kernels
+//! (a 4x4 output tile from a 6x6 input tile with 36 products per (input, output) channel pair
+//! instead of 144) and 1-D F(m, r) for the 1x7 / 7x1 / 1x3 / 3x1 kernels of Inception-B and -C
+//! (`m` outputs from `m + r - 1` products instead of `m * r`).
 //!
 //! The tiles are cut into chunks, one task each. A chunk transforms its input tiles
-//! (`V = Bᵀ d B`, into 36 matrices `[tiles, cin]`), runs 36 GEMMs against the transformed
-//! weights (`U = G g Gᵀ`, 36 matrices `[cin, cout]` transformed and packed once at load), and
-//! transforms back (`Aᵀ M A`) applying bias, the residual scale-add and ReLU as it stores the
-//! tile, so nothing of a layer but its chunk's buffers exists at once. Interpolation points
-//! 0, ±1, ±2: the transforms below are the matrices of that paper written out row by row.
+//! (`V = Bᵀ d B`, or `Bᵀ d` on a line, into one `[tiles, cin]` matrix per product), runs one
+//! GEMM per product against the transformed weights (`U = G g Gᵀ` / `G g`, `[cin, cout]`,
+//! transformed and packed once at load), and transforms back (`Aᵀ M A` / `Aᵀ M`) applying bias,
+//! the residual scale-add and ReLU as it stores the tile, so nothing of a layer but its chunk's
+//! buffers exists at once. F(4x4, 3x3) uses the paper's matrices (points 0, ±1, ±2) written
+//! out row by row; the 1-D ones are built at load from their points ([`toom_cook`]).
 //!
 //! Whether a layer runs this way is decided at load ([`Winograd::for_conv`]): channels wide
 //! enough that the transforms pay, and the measured error against the direct convolution on a
@@ -36,18 +38,84 @@ pub fn enabled() -> bool {
     *ON.get_or_init(|| std::env::var("INCEPTION_WINOGRAD").map_or(true, |v| v != "0"))
 }
 
-/// A 3x3 stride-1 convolution's transformed weights.
+/// A convolution's transformed weights.
 #[derive(Clone, Debug)]
 pub struct Winograd {
     cin: usize,
     cout: usize,
+    kernel: [usize; 2],
     pad: [usize; 2],
-    /// `U[t]`, `t = 6 * i + j`: element `(i, j)` of `G g Gᵀ` for every `(ci, co)`.
+    kind: Kind,
+    /// One `[cin, cout]` matrix per product of a tile (36, or `n` for a line).
     u: Vec<PackedB>,
 }
 
+#[derive(Clone, Debug)]
+enum Kind {
+    /// F(4x4, 3x3): 4x4 output tiles, 36 products.
+    Tile,
+    /// F(m, r) along one axis, for `1 x r` (`along_w`) and `r x 1` kernels: `m` outputs from
+    /// `n = m + r - 1` products; `bt` is `n x n`, `at` is `m x n`, row-major.
+    Line { m: usize, n: usize, along_w: bool, bt: Vec<f32>, at: Vec<f32> },
+}
+
+/// Interpolation points of the 1-D algorithms, smallest first (then infinity).
+const POINTS: [f64; 11] = [0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5, 3.0, -3.0, 1.0 / 3.0, -1.0 / 3.0];
+
+/// Toom-Cook matrices of F(m, r) on `POINTS` and infinity: `(Bᵀ, G, Aᵀ)`, `n x n`, `n x r`,
+/// `m x n`, with `n = m + r - 1`. With `V` the evaluation matrix of a degree `n - 1`
+/// polynomial at the points (infinity gives the leading coefficient), `G` and `H` those of
+/// degrees `r - 1` and `m - 1`, a linear convolution is `V⁻¹ ((G g) ⊙ (H h))`; transposed in `h`
+/// it is the correlation `Hᵀ ((G g) ⊙ (V⁻ᵀ d))`: `Bᵀ = V⁻ᵀ`, `Aᵀ = Hᵀ`.
+fn toom_cook(m: usize, r: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let n = m + r - 1;
+    let eval = |j: usize, deg: usize, k: usize| -> f64 {
+        if j == n - 1 { (k == deg - 1) as u8 as f64 } else { POINTS[j].powi(k as i32) }
+    };
+    let v: Vec<f64> = (0..n * n).map(|e| eval(e / n, n, e % n)).collect();
+    let vinv = invert(&v, n);
+    let bt = (0..n * n).map(|e| vinv[(e % n) * n + e / n]).collect();
+    let g = (0..n * r).map(|e| eval(e / r, r, e % r)).collect();
+    let at = (0..m * n).map(|e| eval(e % n, m, e / n)).collect();
+    (bt, g, at)
+}
+
+/// The inverse of an `n x n` matrix (Gauss-Jordan with partial pivoting).
+fn invert(a: &[f64], n: usize) -> Vec<f64> {
+    let mut a = a.to_vec();
+    let mut inv: Vec<f64> = (0..n * n).map(|e| (e / n == e % n) as u8 as f64).collect();
+    for col in 0..n {
+        let piv = (col..n).max_by(|&i, &j| a[i * n + col].abs().total_cmp(&a[j * n + col].abs())).unwrap_or(col);
+        for k in 0..n {
+            a.swap(col * n + k, piv * n + k);
+            inv.swap(col * n + k, piv * n + k);
+        }
+        let d = a[col * n + col];
+        for k in 0..n {
+            a[col * n + k] /= d;
+            inv[col * n + k] /= d;
+        }
+        for i in (0..n).filter(|&i| i != col) {
+            let f = a[i * n + col];
+            for k in 0..n {
+                a[i * n + k] -= f * a[col * n + k];
+                inv[i * n + k] -= f * inv[col * n + k];
+            }
+        }
+    }
+    inv
+}
+
+/// Outputs per line tile of a `1 x r` / `r x 1` kernel: F(6, 3) (2.25x fewer products, error
+/// ~7e-7 in the tests) and F(3, 7) (2.33x, ~2e-6 at 40 channels, up to 9e-6 at 224; F(4, 7)
+/// measures ~6e-6 already at 40 channels).
+fn line_outputs(r: usize) -> usize {
+    if r == 3 { 6 } else { 3 }
+}
+
 impl Winograd {
-    /// From weights `[9 * cin, cout]`, tap order `(ky, kx, ci)` (the direct convolution's).
+    /// F(4x4, 3x3) from weights `[9 * cin, cout]`, tap order `(ky, kx, ci)` (the direct
+    /// convolution's).
     pub fn new(w: &[f32], cin: usize, cout: usize, pad: [usize; 2]) -> Self {
         assert_eq!(w.len(), 9 * cin * cout, "weights of a 3x3 convolution");
         // G (6 x 3), rows in f64 so the transformed weights are rounded once
@@ -74,12 +142,34 @@ impl Winograd {
             }
         }
         let u = u.iter().map(|m| PackedB::new(m, cin, cout)).collect();
-        Self { cin, cout, pad, u }
+        Self { cin, cout, kernel: [3, 3], pad, kind: Kind::Tile, u }
     }
 
-    /// The fast algorithm for a convolution, if it pays and is accurate: 3x3, stride 1,
-    /// padding 0 or 1, at least 16 channels in and out, the error measured against `direct`
-    /// (the convolution's own result, `x -> y`) within [`MAX_REL_ERROR`].
+    /// F(m, r) for a `1 x r` or `r x 1` kernel with weights `[r * cin, cout]`.
+    pub fn line(w: &[f32], kernel: [usize; 2], m: usize, cin: usize, cout: usize, pad: [usize; 2]) -> Self {
+        let (along_w, r) = (kernel[0] == 1, kernel[0].max(kernel[1]));
+        assert!(kernel.contains(&1) && w.len() == r * cin * cout && m >= 1, "weights of a 1-D convolution");
+        let n = m + r - 1;
+        assert!(n <= POINTS.len() + 1, "F({m}, {r}) needs more interpolation points");
+        let (bt, g, at) = toom_cook(m, r);
+        let mut u = vec![vec![0f32; cin * cout]; n];
+        for ci in 0..cin {
+            for co in 0..cout {
+                for (j, uj) in u.iter_mut().enumerate() {
+                    let v: f64 = (0..r).map(|k| g[j * r + k] * w[(k * cin + ci) * cout + co] as f64).sum();
+                    uj[ci * cout + co] = v as f32;
+                }
+            }
+        }
+        let u = u.iter().map(|m| PackedB::new(m, cin, cout)).collect();
+        let (bt, at) = (bt.iter().map(|&v| v as f32).collect(), at.iter().map(|&v| v as f32).collect());
+        Self { cin, cout, kernel, pad, kind: Kind::Line { m, n, along_w, bt, at }, u }
+    }
+
+    /// The fast algorithm for a convolution, if it applies and is accurate: stride 1, 3x3
+    /// (F(4x4, 3x3)) or 1x7 / 7x1 (F(3, 7)), padding below the kernel, at least 16
+    /// channels in and out, the error measured against `direct` (the convolution's own result,
+    /// `x -> y`) within [`MAX_REL_ERROR`].
     pub(crate) fn for_conv(
         w: &[f32],
         (kernel, stride, pad): ([usize; 2], usize, [usize; 2]),
@@ -88,10 +178,15 @@ impl Winograd {
         (bias, relu): (&[f32], bool),
         direct: impl Fn(&Act) -> Act,
     ) -> Option<Self> {
-        if !enabled() || kernel != [3, 3] || stride != 1 || pad[0] > 1 || pad[1] > 1 || cin < 16 || cout < 16 {
+        if !enabled() || stride != 1 || pad[0] >= kernel[0] || pad[1] >= kernel[1] || cin < 16 || cout < 16 {
             return None;
         }
-        let wino = Self::new(w, cin, cout, pad);
+        let wino = match kernel {
+            [3, 3] => Self::new(w, cin, cout, pad),
+            // 1x3 / 3x1 run on 8x8 maps only, where F(6, 3) measured no faster than the GEMM
+            [1, 7] | [7, 1] => Self::line(w, kernel, line_outputs(7), cin, cout, pad),
+            _ => return None,
+        };
         (wino.error(bias, relu, &direct) <= MAX_REL_ERROR).then_some(wino)
     }
 
@@ -115,19 +210,26 @@ impl Winograd {
     /// Run on `x`, writing channels `[off, off + cout)` of `dst` (row stride `ld`).
     pub(crate) fn run_into(&self, x: &Act, dst: &mut [f32], ld: usize, off: usize, bias: &[f32], mode: StoreMode) {
         assert_eq!(x.c, self.cin, "input channels");
-        let (oh, ow) = (x.h + 2 * self.pad[0] - 2, x.w + 2 * self.pad[1] - 2);
+        let [kh, kw] = self.kernel;
+        let (oh, ow) = (x.h + 2 * self.pad[0] + 1 - kh, x.w + 2 * self.pad[1] + 1 - kw);
         assert!(off + self.cout <= ld && dst.len() >= x.n * oh * ow * ld, "output too small");
-        let (th, tw) = (oh.div_ceil(4), ow.div_ceil(4));
+        let extent = match self.kind {
+            Kind::Tile => [4, 4],
+            Kind::Line { m, along_w: true, .. } => [1, m],
+            Kind::Line { m, along_w: false, .. } => [m, 1],
+        };
+        let (th, tw) = (oh.div_ceil(extent[0]), ow.div_ceil(extent[1]));
         let tiles = x.n * th * tw;
-        // chunks whose transformed tiles (36 x (cin + cout) floats each) fit in ~384 KiB of
+        let np = self.u.len();
+        // chunks whose transformed tiles (np x (cin + cout) floats each) fit in ~384 KiB of
         // L2, but at least 30 tiles for the GEMMs (fewer measured slower at 256 channels), and
         // a multiple of the thread count in number
         let threads = rayon::current_num_threads().max(1);
-        let per = (384 * 1024 / (36 * 4 * (self.cin + self.cout))).clamp(30, 120);
+        let per = (384 * 1024 / (np * 4 * (self.cin + self.cout))).clamp(30, 480);
         let chunks = tiles.div_ceil(per).next_multiple_of(threads).min(tiles.div_ceil(6).max(1));
         let per = tiles.div_ceil(chunks);
         let out = Out(dst.as_mut_ptr());
-        let geo = Geometry { h: x.h, w: x.w, oh, ow, th, tw, pad: self.pad };
+        let geo = Geometry { h: x.h, w: x.w, oh, ow, th, tw, extent };
         let task = |ch: usize| {
             let (t0, t1) = (ch * per, ((ch + 1) * per).min(tiles));
             if t0 >= t1 {
@@ -135,20 +237,30 @@ impl Winograd {
             }
             BUFS.with(|b| {
                 let (v, m) = &mut *b.borrow_mut();
-                v.resize(36 * (t1 - t0) * self.cin, 0.0);
-                m.resize(36 * (t1 - t0) * self.cout, 0.0);
                 let nt = t1 - t0;
-                transform_input(&x.data, self.cin, &geo, t0, t1, v);
+                v.resize(np * nt * self.cin, 0.0);
+                m.resize(np * nt * self.cout, 0.0);
+                let tiles = Tiles { geo: &geo, t0, t1 };
+                self.input(&x.data, &tiles, v);
                 sgemm::serial(|| {
                     for (t, u) in self.u.iter().enumerate() {
                         let a = Rows::Dense { data: &v[t * nt * self.cin..][..nt * self.cin], ld: self.cin };
                         let c = &mut m[t * nt * self.cout..][..nt * self.cout];
-                        sgemm::gemm(nt, a, u, c, self.cout, 0, Epilogue { bias: None, alpha: 1.0, load: false, relu: false });
+                        sgemm::gemm(
+                            nt,
+                            a,
+                            u,
+                            c,
+                            self.cout,
+                            0,
+                            Epilogue { bias: None, alpha: 1.0, load: false, relu: false },
+                        );
                     }
                 });
+                let store = Store { out, ld, off, bias, mode };
                 // SAFETY: the chunk's tiles cover output rows no other chunk writes, and the
                 // assert above keeps every row inside `dst`.
-                unsafe { transform_output(m, self.cout, &geo, t0, t1, out, ld, off, bias, mode) };
+                unsafe { self.output(m, &tiles, &store) };
             });
         };
         if chunks == 1 {
@@ -171,7 +283,7 @@ struct Out(*mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
-/// Input `h x w`, output `oh x ow` in `th x tw` tiles of 4x4.
+/// Input `h x w`, output `oh x ow` in `th x tw` tiles of `extent` outputs.
 struct Geometry {
     h: usize,
     w: usize,
@@ -179,17 +291,75 @@ struct Geometry {
     ow: usize,
     th: usize,
     tw: usize,
-    pad: [usize; 2],
+    extent: [usize; 2],
 }
 
-impl Geometry {
-    /// Tile `t`'s image, output row and output column.
-    fn tile(&self, t: usize) -> (usize, usize, usize) {
-        (t / (self.th * self.tw), (t / self.tw) % self.th * 4, t % self.tw * 4)
+/// Tiles `[t0, t1)` of a geometry: one chunk.
+struct Tiles<'a> {
+    geo: &'a Geometry,
+    t0: usize,
+    t1: usize,
+}
+
+impl Tiles<'_> {
+    /// Each tile's index in the chunk, image, first output row and first output column.
+    fn iter(&self) -> impl Iterator<Item = (usize, usize, usize, usize)> + '_ {
+        let g = self.geo;
+        (self.t0..self.t1)
+            .map(move |t| (t - self.t0, t / (g.th * g.tw), (t / g.tw) % g.th * g.extent[0], t % g.tw * g.extent[1]))
+    }
+
+    fn len(&self) -> usize {
+        self.t1 - self.t0
+    }
+
+    /// `len` channels from `c0` of input pixel `(b, iy, ix)` into `d` (zeros outside).
+    #[inline(always)]
+    fn read(&self, x: &[f32], cin: usize, (b, iy, ix): (usize, isize, isize), c0: usize, d: &mut Lanes) {
+        let (g, len) = (self.geo, CB.min(cin - c0));
+        if iy >= 0 && ix >= 0 && iy < g.h as isize && ix < g.w as isize {
+            let src = ((b * g.h + iy as usize) * g.w + ix as usize) * cin + c0;
+            d[..len].copy_from_slice(&x[src..src + len]);
+        } else {
+            *d = [0.0; CB];
+        }
     }
 }
 
-/// `Bᵀ` applied to six rows of lanes.
+/// Where and how a chunk's results are stored.
+struct Store<'a> {
+    out: Out,
+    ld: usize,
+    off: usize,
+    bias: &'a [f32],
+    mode: StoreMode,
+}
+
+impl Store<'_> {
+    /// `y + bias` into channels `[c0, c0 + len)` of output pixel `row`, with the residual
+    /// scale-add and ReLU of the mode.
+    ///
+    /// # Safety
+    /// `row` is inside the output and no other thread writes it.
+    #[inline(always)]
+    unsafe fn put(&self, row: usize, c0: usize, len: usize, y: &Lanes) {
+        let (alpha, load, relu) = match self.mode {
+            StoreMode::Store { relu } => (1.0, false, relu),
+            StoreMode::Residual { scale, relu } => (scale, true, relu),
+        };
+        // SAFETY: the caller's promise.
+        let dst = unsafe { std::slice::from_raw_parts_mut(self.out.0.add(row * self.ld + self.off + c0), len) };
+        for ((d, y), b) in dst.iter_mut().zip(y).zip(&self.bias[c0..c0 + len]) {
+            let mut v = alpha * (y + b);
+            if load {
+                v += *d;
+            }
+            *d = if relu { v.max(0.0) } else { v };
+        }
+    }
+}
+
+/// `Bᵀ` of F(4x4, 3x3) applied to six rows of lanes.
 #[inline(always)]
 fn bt(d: &[Lanes; 6]) -> [Lanes; 6] {
     let mut o = [[0.0; CB]; 6];
@@ -205,7 +375,7 @@ fn bt(d: &[Lanes; 6]) -> [Lanes; 6] {
     o
 }
 
-/// `Aᵀ` applied to six rows of lanes (four out).
+/// `Aᵀ` of F(4x4, 3x3) applied to six rows of lanes (four out).
 #[inline(always)]
 fn at(m: &[Lanes; 6]) -> [Lanes; 4] {
     let mut o = [[0.0; CB]; 4];
@@ -220,161 +390,151 @@ fn at(m: &[Lanes; 6]) -> [Lanes; 4] {
     o
 }
 
-/// `V[t][tile][c]` for tiles `[t0, t1)`: `Bᵀ d B` of each tile's 6x6 input window (zeros
-/// outside the image), `CB` channels at a time.
-fn transform_input(x: &[f32], cin: usize, g: &Geometry, t0: usize, t1: usize, v: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if sgemm::has_avx2_fma() {
-        // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { transform_input_avx2(x, cin, g, t0, t1, v) };
-    }
-    transform_input_body(x, cin, g, t0, t1, v)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn transform_input_avx2(x: &[f32], cin: usize, g: &Geometry, t0: usize, t1: usize, v: &mut [f32]) {
-    transform_input_body(x, cin, g, t0, t1, v)
-}
-
+/// `o[i] = Σ_k mat[i][k] d[k]` for a row-major `rows x d.len()` matrix, on lanes.
 #[inline(always)]
-#[allow(clippy::needless_range_loop)] // the loop index picks a column of `r`
-fn transform_input_body(x: &[f32], cin: usize, g: &Geometry, t0: usize, t1: usize, v: &mut [f32]) {
-    let nt = t1 - t0;
-    for t in t0..t1 {
-        let (b, oy, ox) = g.tile(t);
-        let (y0, x0) = (oy as isize - g.pad[0] as isize, ox as isize - g.pad[1] as isize);
-        for c0 in (0..cin).step_by(CB) {
-            let len = CB.min(cin - c0);
-            // rows of the window, each transformed along x: r[y][j]
-            let mut r = [[[0.0; CB]; 6]; 6];
-            for (dy, ry) in r.iter_mut().enumerate() {
-                let iy = y0 + dy as isize;
-                if iy < 0 || iy >= g.h as isize {
-                    continue;
-                }
-                let mut d = [[0.0; CB]; 6];
-                for (dx, dd) in d.iter_mut().enumerate() {
-                    let ix = x0 + dx as isize;
-                    if ix >= 0 && ix < g.w as isize {
-                        let src = ((b * g.h + iy as usize) * g.w + ix as usize) * cin + c0;
-                        dd[..len].copy_from_slice(&x[src..src + len]);
-                    }
-                }
-                *ry = bt(&d);
-            }
-            // then along y: V[i][j] = Bᵀ_i (r[.][j])
-            for j in 0..6 {
-                let col: [Lanes; 6] = std::array::from_fn(|y| r[y][j]);
-                for (i, vi) in bt(&col).iter().enumerate() {
-                    let dst = ((6 * i + j) * nt + (t - t0)) * cin + c0;
-                    v[dst..dst + len].copy_from_slice(&vi[..len]);
+fn apply(mat: &[f32], d: &[Lanes], o: &mut [Lanes]) {
+    let n = d.len();
+    for (oi, row) in o.iter_mut().zip(mat.chunks_exact(n)) {
+        *oi = [0.0; CB];
+        for (&c, dk) in row.iter().zip(d) {
+            if c != 0.0 {
+                for l in 0..CB {
+                    oi[l] += c * dk[l];
                 }
             }
         }
     }
 }
 
-/// `Aᵀ M A` of each tile's 36 GEMM outputs, stored with bias, residual and ReLU.
-///
-/// # Safety
-/// Rows of tiles `[t0, t1)` at `out` (row stride `ld`, channels `[off, off + cout)`) are
-/// inside the output and written by nobody else.
-#[allow(clippy::too_many_arguments)]
-unsafe fn transform_output(
-    m: &[f32],
-    cout: usize,
-    g: &Geometry,
-    t0: usize,
-    t1: usize,
-    out: Out,
-    ld: usize,
-    off: usize,
-    bias: &[f32],
-    mode: StoreMode,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if sgemm::has_avx2_fma() {
-        // SAFETY: the CPU has AVX2 and FMA; the rest is the caller's promise.
-        return unsafe { transform_output_avx2(m, cout, g, t0, t1, out, ld, off, bias, mode) };
+impl Winograd {
+    /// The input transform of a chunk: `V[t][tile][c]`, `CB` channels at a time.
+    fn input(&self, x: &[f32], tiles: &Tiles, v: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if sgemm::has_avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { self.input_avx2(x, tiles, v) };
+        }
+        self.input_body(x, tiles, v)
     }
-    // SAFETY: the caller's promise.
-    unsafe { transform_output_body(m, cout, g, t0, t1, out, ld, off, bias, mode) }
-}
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn transform_output_avx2(
-    m: &[f32],
-    cout: usize,
-    g: &Geometry,
-    t0: usize,
-    t1: usize,
-    out: Out,
-    ld: usize,
-    off: usize,
-    bias: &[f32],
-    mode: StoreMode,
-) {
-    // SAFETY: the caller's promise.
-    unsafe { transform_output_body(m, cout, g, t0, t1, out, ld, off, bias, mode) }
-}
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn input_avx2(&self, x: &[f32], tiles: &Tiles, v: &mut [f32]) {
+        self.input_body(x, tiles, v)
+    }
 
-#[inline(always)]
-#[allow(clippy::too_many_arguments, clippy::needless_range_loop)] // the loop index picks a column of `r`
-unsafe fn transform_output_body(
-    m: &[f32],
-    cout: usize,
-    g: &Geometry,
-    t0: usize,
-    t1: usize,
-    out: Out,
-    ld: usize,
-    off: usize,
-    bias: &[f32],
-    mode: StoreMode,
-) {
-    let nt = t1 - t0;
-    let (alpha, load, relu) = match mode {
-        StoreMode::Store { relu } => (1.0, false, relu),
-        StoreMode::Residual { scale, relu } => (scale, true, relu),
-    };
-    for t in t0..t1 {
-        let (b, oy, ox) = g.tile(t);
-        for c0 in (0..cout).step_by(CB) {
-            let len = CB.min(cout - c0);
-            // rows of M, each transformed along j: r[i][q]
-            let mut r = [[[0.0; CB]; 4]; 6];
-            for (i, ri) in r.iter_mut().enumerate() {
-                let row: [Lanes; 6] = std::array::from_fn(|j| {
-                    let src = ((6 * i + j) * nt + (t - t0)) * cout + c0;
-                    let mut l = [0.0; CB];
-                    l[..len].copy_from_slice(&m[src..src + len]);
-                    l
-                });
-                *ri = at(&row);
-            }
-            let mut bl = [0.0; CB];
-            bl[..len].copy_from_slice(&bias[c0..c0 + len]);
-            for q in 0..4 {
-                if ox + q >= g.ow {
-                    break;
-                }
-                let col: [Lanes; 6] = std::array::from_fn(|i| r[i][q]);
-                for (p, y) in at(&col).iter().enumerate() {
-                    if oy + p >= g.oh {
-                        break;
-                    }
-                    let row = (b * g.oh + oy + p) * g.ow + ox + q;
-                    // SAFETY: the caller's promise: this row is inside the output and ours.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(row * ld + off + c0), len) };
-                    for (l, d) in dst.iter_mut().enumerate() {
-                        let mut v = alpha * (y[l] + bl[l]);
-                        if load {
-                            v += *d;
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)] // the loop index picks a column of `r`
+    fn input_body(&self, x: &[f32], tiles: &Tiles, v: &mut [f32]) {
+        let (cin, nt, [ph, pw]) = (self.cin, tiles.len(), self.pad.map(|p| p as isize));
+        // tile `i`, product `t`, channels from `c0`
+        let mut put = |t: usize, i: usize, c0: usize, lanes: &Lanes| {
+            let len = CB.min(cin - c0);
+            let dst = (t * nt + i) * cin + c0;
+            v[dst..dst + len].copy_from_slice(&lanes[..len]);
+        };
+        for (i, b, oy, ox) in tiles.iter() {
+            let (y0, x0) = (oy as isize - ph, ox as isize - pw);
+            for c0 in (0..cin).step_by(CB) {
+                match &self.kind {
+                    Kind::Tile => {
+                        // Bᵀ d B: the window's rows along x, then the columns along y
+                        let mut r = [[[0.0; CB]; 6]; 6];
+                        for (dy, ry) in r.iter_mut().enumerate() {
+                            let mut d = [[0.0; CB]; 6];
+                            for (dx, dd) in d.iter_mut().enumerate() {
+                                tiles.read(x, cin, (b, y0 + dy as isize, x0 + dx as isize), c0, dd);
+                            }
+                            *ry = bt(&d);
                         }
-                        *d = if relu { v.max(0.0) } else { v };
+                        for j in 0..6 {
+                            let col: [Lanes; 6] = std::array::from_fn(|y| r[y][j]);
+                            for (k, vk) in bt(&col).iter().enumerate() {
+                                put(6 * k + j, i, c0, vk);
+                            }
+                        }
+                    }
+                    Kind::Line { n, along_w, bt, .. } => {
+                        let mut d = [[0.0; CB]; 16];
+                        for (k, dk) in d[..*n].iter_mut().enumerate() {
+                            let p = if *along_w { (b, y0, x0 + k as isize) } else { (b, y0 + k as isize, x0) };
+                            tiles.read(x, cin, p, c0, dk);
+                        }
+                        let mut o = [[0.0; CB]; 16];
+                        apply(bt, &d[..*n], &mut o[..*n]);
+                        for (k, ok) in o[..*n].iter().enumerate() {
+                            put(k, i, c0, ok);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The output transform of a chunk, stored with bias, residual and ReLU.
+    ///
+    /// # Safety
+    /// The output rows of the chunk's tiles are inside the output and written by nobody else.
+    unsafe fn output(&self, m: &[f32], tiles: &Tiles, store: &Store) {
+        #[cfg(target_arch = "x86_64")]
+        if sgemm::has_avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA; the rest is the caller's promise.
+            return unsafe { self.output_avx2(m, tiles, store) };
+        }
+        // SAFETY: the caller's promise.
+        unsafe { self.output_body(m, tiles, store) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn output_avx2(&self, m: &[f32], tiles: &Tiles, store: &Store) {
+        // SAFETY: the caller's promise.
+        unsafe { self.output_body(m, tiles, store) }
+    }
+
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)] // the loop index picks a column of `r`
+    unsafe fn output_body(&self, m: &[f32], tiles: &Tiles, store: &Store) {
+        let (cout, nt, g) = (self.cout, tiles.len(), tiles.geo);
+        let get = |t: usize, i: usize, c0: usize| {
+            let len = CB.min(cout - c0);
+            let src = (t * nt + i) * cout + c0;
+            let mut l = [0.0; CB];
+            l[..len].copy_from_slice(&m[src..src + len]);
+            l
+        };
+        for (i, b, oy, ox) in tiles.iter() {
+            for c0 in (0..cout).step_by(CB) {
+                let len = CB.min(cout - c0);
+                let row = |y: usize, x: usize| (b * g.oh + y) * g.ow + x;
+                match &self.kind {
+                    Kind::Tile => {
+                        // Aᵀ M A: the rows along j, then the columns along i
+                        let mut r = [[[0.0; CB]; 4]; 6];
+                        for (k, rk) in r.iter_mut().enumerate() {
+                            *rk = at(&std::array::from_fn(|j| get(6 * k + j, i, c0)));
+                        }
+                        for q in 0..4.min(g.ow - ox) {
+                            let col: [Lanes; 6] = std::array::from_fn(|k| r[k][q]);
+                            for (p, y) in at(&col).iter().enumerate().take(g.oh - oy) {
+                                // SAFETY: the caller's promise: this row is inside and ours.
+                                unsafe { store.put(row(oy + p, ox + q), c0, len, y) };
+                            }
+                        }
+                    }
+                    Kind::Line { m: mo, n, along_w, at, .. } => {
+                        let mut d = [[0.0; CB]; 16];
+                        for (k, dk) in d[..*n].iter_mut().enumerate() {
+                            *dk = get(k, i, c0);
+                        }
+                        let mut o = [[0.0; CB]; 16];
+                        apply(at, &d[..*n], &mut o[..*mo]);
+                        let fit = if *along_w { g.ow - ox } else { g.oh - oy };
+                        for (p, y) in o[..*mo].iter().enumerate().take(fit) {
+                            let r = if *along_w { row(oy, ox + p) } else { row(oy + p, ox) };
+                            // SAFETY: as above.
+                            unsafe { store.put(r, c0, len, y) };
+                        }
                     }
                 }
             }
@@ -401,9 +561,13 @@ mod tests {
     /// counts off the lane width, batch 2, a column offset into a wider output, both stores.
     #[test]
     fn matches_the_direct_convolution() {
-        for &(n, h, w, cin, cout, pad) in
-            &[(1, 9, 11, 16, 16, 1), (2, 17, 13, 19, 37, 1), (1, 35, 35, 32, 48, 1), (2, 10, 7, 24, 20, 0), (1, 6, 6, 48, 33, 0)]
-        {
+        for &(n, h, w, cin, cout, pad) in &[
+            (1, 9, 11, 16, 16, 1),
+            (2, 17, 13, 19, 37, 1),
+            (1, 35, 35, 32, 48, 1),
+            (2, 10, 7, 24, 20, 0),
+            (1, 6, 6, 48, 33, 0),
+        ] {
             let wts = data(9 * cin * cout, 1 + cin as u32);
             let bias = data(cout, 7);
             let direct = Conv::from_matrix(&wts, [3, 3], cin, cout, 1, [pad, pad], bias.clone(), false);
@@ -430,17 +594,52 @@ mod tests {
         }
     }
 
+    /// F(m, r) for the 1-D kernels against the direct convolution, for several tile sizes.
+    #[test]
+    fn line_algorithms_match_the_direct_convolution() {
+        for (kernel, pad) in [([1, 7], [0, 3]), ([7, 1], [3, 0]), ([1, 3], [0, 1]), ([3, 1], [1, 0]), ([1, 7], [0, 0])]
+        {
+            let r = kernel[0].max(kernel[1]);
+            for m in 2..=6 {
+                let (n, h, w, cin, cout) = (2, 17, 15, 40, 24);
+                let wts = data(r * cin * cout, 5 + m as u32);
+                let bias = data(cout, 7);
+                let direct = Conv::from_matrix(&wts, kernel, cin, cout, 1, pad, bias.clone(), false);
+                let wino = Winograd::line(&wts, kernel, m, cin, cout, pad);
+                let mut x = Act::zeros(n, h, w, cin);
+                x.data = data(x.data.len(), 3).iter().map(|v| v.abs()).collect();
+                let (oh, ow) = (h + 2 * pad[0] + 1 - kernel[0], w + 2 * pad[1] + 1 - kernel[1]);
+                let ld = cout + 2;
+                let mode = StoreMode::Residual { scale: 0.2, relu: false };
+                let init = data(n * oh * ow * ld, 11);
+                let (mut want, mut got) = (init.clone(), init);
+                direct.run_direct_into(&x, &mut want, ld, 1, mode);
+                wino.run_into(&x, &mut got, ld, 1, &bias, mode);
+                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let diff = want.iter().zip(&got).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                eprintln!("F({m}, {r}) {kernel:?} pad {pad:?}: {:.2e}", diff / scale);
+                if m <= line_outputs(r) {
+                    assert!(diff / scale < MAX_REL_ERROR, "F({m}, {r}) {kernel:?}: {}", diff / scale);
+                }
+            }
+        }
+    }
+
     #[test]
     fn chosen_only_where_it_applies() {
         let direct = |x: &Act| x.clone();
         let w = data(9 * 32 * 32, 1);
         let none = |k, s, p, c| Winograd::for_conv(&w, (k, s, p), c, c, (&[0.0; 32], false), direct).is_none();
         assert!(none([3, 3], 2, [1, 1], 32), "stride 2");
-        assert!(none([3, 3], 1, [2, 2], 32), "padding 2");
+        assert!(none([3, 3], 1, [3, 3], 32), "padding 3");
         assert!(none([3, 3], 1, [1, 1], 8), "8 channels");
+        assert!(none([5, 5], 1, [2, 2], 32), "5x5");
+        assert!(none([1, 5], 1, [0, 2], 32), "1x5");
         let c = Conv::from_matrix(&w, [3, 3], 32, 32, 1, [1, 1], vec![0.1; 32], true);
         assert_eq!(c.is_winograd(), enabled());
         let c = Conv::from_matrix(&w[..32 * 32], [1, 1], 32, 32, 1, [0, 0], vec![0.1; 32], true);
         assert!(!c.is_winograd());
+        let c = Conv::from_matrix(&w[..7 * 32 * 32], [7, 1], 32, 32, 1, [3, 0], vec![0.1; 32], true);
+        assert_eq!(c.is_winograd(), enabled());
     }
 }
