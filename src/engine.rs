@@ -96,14 +96,14 @@ pub struct Conv {
     relu: bool,
     /// Calibration: statistics of every input this convolution sees (`crate::quant`).
     probe: Option<Arc<Mutex<ActStats>>>,
-    /// The same f32 convolution as Winograd F(4x4, 3x3), where chosen at load.
-    wino: Option<Arc<Winograd>>,
 }
 
-/// A convolution's weights: f32, or int8 (`crate::quant`).
+/// A convolution's weights: f32 for the GEMM, f32 transformed for Winograd (in place of the
+/// GEMM's, chosen at load), or int8 (`crate::quant`).
 #[derive(Clone, Debug)]
 enum Weights {
     F32(PackedB),
+    Winograd(Arc<Winograd>),
     /// `[kh * kw * cin4, cout]` int8 with the input's channels padded to `cin4` (a multiple
     /// of 4); the input is quantized to u8 with `x_scale` and zero point `x_zero` before the
     /// GEMM, whose i32 sums are scaled per column by `col_scale = x_scale * w_scale`; `bias`
@@ -168,34 +168,65 @@ impl Conv {
         bias: Vec<f32>,
         relu: bool,
     ) -> Self {
-        let k = kernel[0] * kernel[1] * cin;
-        let packed = Weights::F32(PackedB::new(w, k, cout));
-        let mut conv = Self { cin, cout, kernel, stride, pad, w: packed, b: bias, relu, probe: None, wino: None };
-        let direct = |x: &Act| {
-            let (oh, ow) = conv.out_hw(x.h, x.w);
-            let mut y = Act::zeros(x.n, oh, ow, cout);
-            conv.run_direct_into(x, &mut y.data, cout, 0, StoreMode::Store { relu });
-            y
-        };
-        conv.wino = Winograd::for_conv(w, (kernel, stride, pad), cin, cout, (&conv.b, relu), direct).map(Arc::new);
+        let mut conv = Self::direct(w, kernel, cin, cout, stride, pad, bias, relu);
+        let run = |x: &Act| conv.run(x);
+        if let Some(wino) = Winograd::for_conv(w, (kernel, stride, pad), cin, cout, (&conv.b, relu), run) {
+            conv.w = Weights::Winograd(Arc::new(wino));
+        }
         conv
     }
 
-    /// Whether this convolution runs as Winograd F(4x4, 3x3).
+    /// [`Conv::from_matrix`] as one GEMM, never Winograd.
+    #[allow(clippy::too_many_arguments)]
+    fn direct(
+        w: &[f32],
+        kernel: [usize; 2],
+        cin: usize,
+        cout: usize,
+        stride: usize,
+        pad: [usize; 2],
+        bias: Vec<f32>,
+        relu: bool,
+    ) -> Self {
+        let k = kernel[0] * kernel[1] * cin;
+        let w = Weights::F32(PackedB::new(w, k, cout));
+        Self { cin, cout, kernel, stride, pad, w, b: bias, relu, probe: None }
+    }
+
+    /// Whether this convolution runs as Winograd.
     pub fn is_winograd(&self) -> bool {
-        self.wino.is_some()
+        matches!(self.w, Weights::Winograd(_))
     }
 
     /// The same convolution run directly (one GEMM), for comparisons.
-    pub fn without_winograd(mut self) -> Self {
-        self.wino = None;
-        self
+    pub fn without_winograd(self) -> Self {
+        match &self.w {
+            Weights::Winograd(wino) => {
+                let w = wino.direct_weights();
+                Self {
+                    probe: self.probe.clone(),
+                    ..Self::direct(
+                        &w,
+                        self.kernel,
+                        self.cin,
+                        self.cout,
+                        self.stride,
+                        self.pad,
+                        self.b.clone(),
+                        self.relu,
+                    )
+                }
+            }
+            _ => self,
+        }
     }
 
-    /// The f32 weights `[kh * kw * cin, cout]` (`None` once quantized).
+    /// The f32 weights `[kh * kw * cin, cout]` (`None` once quantized; recovered from the
+    /// transformed ones, to ~1e-7, for a Winograd convolution).
     pub(crate) fn weights_f32(&self) -> Option<Vec<f32>> {
         match &self.w {
             Weights::F32(p) => Some(p.unpack()),
+            Weights::Winograd(wino) => Some(wino.direct_weights()),
             Weights::Int8 { .. } => None,
         }
     }
@@ -209,7 +240,6 @@ impl Conv {
         let col_scale: Vec<f32> = w.scale().iter().map(|s| s * t.x_scale).collect();
         let z = t.x_zero as f32;
         let bias = self.b.iter().zip(&col_scale).zip(w.col_sums()).map(|((b, s), n)| b - s * z * *n as f32).collect();
-        self.wino = None;
         self.w = Weights::Int8 { w, cin4, x_scale: t.x_scale, x_zero: t.x_zero, col_scale, bias };
     }
 
@@ -261,21 +291,14 @@ impl Conv {
     }
 
     /// Run on `x`, writing channels `[off, off + cout)` of `dst` (row stride `ld`).
-    fn run_into(&self, x: &Act, dst: &mut [f32], ld: usize, off: usize, mode: StoreMode) {
+    pub(crate) fn run_into(&self, x: &Act, dst: &mut [f32], ld: usize, off: usize, mode: StoreMode) {
         if let Some(p) = &self.probe {
             p.lock().unwrap_or_else(|e| e.into_inner()).observe(&x.data);
         }
-        match (&self.w, &self.wino) {
-            (Weights::F32(_), Some(wino)) => wino.run_into(x, dst, ld, off, &self.b, mode),
-            _ => self.run_direct_into(x, dst, ld, off, mode),
-        }
-    }
-
-    /// [`Conv::run_into`] as one GEMM (never Winograd).
-    pub(crate) fn run_direct_into(&self, x: &Act, dst: &mut [f32], ld: usize, off: usize, mode: StoreMode) {
         let (oh, ow) = self.out_hw(x.h, x.w);
         let bias = match &self.w {
             Weights::F32(_) => &self.b,
+            Weights::Winograd(wino) => return wino.run_into(x, dst, ld, off, &self.b, mode),
             Weights::Int8 { bias, .. } => bias,
         };
         let epi = match mode {
@@ -285,6 +308,7 @@ impl Conv {
         let m = x.n * oh * ow;
         match &self.w {
             Weights::F32(w) => sgemm::gemm(m, self.rows(&x.data, x, x.c), w, dst, ld, off, epi),
+            Weights::Winograd(_) => unreachable!("returned above"),
             Weights::Int8 { w, cin4, x_scale, x_zero, col_scale, .. } => {
                 let q = quantize_u8(&x.data, x.c, *cin4, *x_scale, *x_zero);
                 sgemm::qgemm(m, self.rows(&q, x, *cin4), w, col_scale, dst, ld, off, epi);

@@ -50,6 +50,23 @@ pub struct Winograd {
     u: Vec<PackedB>,
 }
 
+/// F(4x4, 3x3)'s G (6 x 3), in f64 so the transformed weights are rounded once.
+const G4: [[f64; 3]; 6] = [
+    [1.0 / 4.0, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+    [0.0, 0.0, 1.0],
+];
+
+/// The left inverse `(Gᵀ G)⁻¹ Gᵀ` (`r x n`) of an `n x r` matrix of full column rank.
+fn left_inverse(g: &[f64], n: usize, r: usize) -> Vec<f64> {
+    let gtg: Vec<f64> = (0..r * r).map(|e| (0..n).map(|j| g[j * r + e / r] * g[j * r + e % r]).sum()).collect();
+    let inv = invert(&gtg, r);
+    (0..r * n).map(|e| (0..r).map(|k| inv[(e / n) * r + k] * g[(e % n) * r + k]).sum()).collect()
+}
+
 #[derive(Clone, Debug)]
 enum Kind {
     /// F(4x4, 3x3): 4x4 output tiles, 36 products.
@@ -118,15 +135,7 @@ impl Winograd {
     /// convolution's).
     pub fn new(w: &[f32], cin: usize, cout: usize, pad: [usize; 2]) -> Self {
         assert_eq!(w.len(), 9 * cin * cout, "weights of a 3x3 convolution");
-        // G (6 x 3), rows in f64 so the transformed weights are rounded once
-        const G: [[f64; 3]; 6] = [
-            [1.0 / 4.0, 0.0, 0.0],
-            [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
-            [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
-            [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
-            [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
-            [0.0, 0.0, 1.0],
-        ];
+        const G: [[f64; 3]; 6] = G4;
         let mut u = vec![vec![0f32; cin * cout]; 36];
         for ci in 0..cin {
             for co in 0..cout {
@@ -164,6 +173,38 @@ impl Winograd {
         let u = u.iter().map(|m| PackedB::new(m, cin, cout)).collect();
         let (bt, at) = (bt.iter().map(|&v| v as f32).collect(), at.iter().map(|&v| v as f32).collect());
         Self { cin, cout, kernel, pad, kind: Kind::Line { m, n, along_w, bt, at }, u }
+    }
+
+    /// The direct convolution's weights `[taps * cin, cout]` back from the transformed ones
+    /// (`g = P U Pᵀ` / `P U` with `P` the left inverse of G; f32-rounded, so to ~1e-7).
+    pub fn direct_weights(&self) -> Vec<f32> {
+        let (cin, cout) = (self.cin, self.cout);
+        let u: Vec<Vec<f32>> = self.u.iter().map(|p| p.unpack()).collect();
+        let taps = self.kernel[0] * self.kernel[1];
+        let mut w = vec![0f32; taps * cin * cout];
+        match &self.kind {
+            Kind::Tile => {
+                let g: Vec<f64> = G4.iter().flatten().copied().collect();
+                let p = left_inverse(&g, 6, 3);
+                for e in 0..cin * cout {
+                    for (ky, kx) in (0..3).flat_map(|a| (0..3).map(move |b| (a, b))) {
+                        let v: f64 = (0..36).map(|t| p[ky * 6 + t / 6] * u[t][e] as f64 * p[kx * 6 + t % 6]).sum();
+                        w[(ky * 3 + kx) * cin * cout + e] = v as f32;
+                    }
+                }
+            }
+            Kind::Line { n, .. } => {
+                let (_, g, _) = toom_cook(n + 1 - taps, taps);
+                let p = left_inverse(&g, *n, taps);
+                for e in 0..cin * cout {
+                    for k in 0..taps {
+                        let v: f64 = (0..*n).map(|j| p[k * n + j] * u[j][e] as f64).sum();
+                        w[k * cin * cout + e] = v as f32;
+                    }
+                }
+            }
+        }
+        w
     }
 
     /// The fast algorithm for a convolution, if it applies and is accurate: stride 1, 3x3
@@ -570,7 +611,8 @@ mod tests {
         ] {
             let wts = data(9 * cin * cout, 1 + cin as u32);
             let bias = data(cout, 7);
-            let direct = Conv::from_matrix(&wts, [3, 3], cin, cout, 1, [pad, pad], bias.clone(), false);
+            let direct =
+                Conv::from_matrix(&wts, [3, 3], cin, cout, 1, [pad, pad], bias.clone(), false).without_winograd();
             let wino = Winograd::new(&wts, cin, cout, [pad, pad]);
             let mut x = Act::zeros(n, h, w, cin);
             x.data = data(x.data.len(), 3);
@@ -584,7 +626,7 @@ mod tests {
                 };
                 let init = data(n * oh * ow * ld, 11);
                 let (mut want, mut got) = (init.clone(), init.clone());
-                direct.run_direct_into(&x, &mut want, ld, 3, mode);
+                direct.run_into(&x, &mut want, ld, 3, mode);
                 wino.run_into(&x, &mut got, ld, 3, &bias, mode);
                 let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
                 let diff = want.iter().zip(&got).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
@@ -604,7 +646,7 @@ mod tests {
                 let (n, h, w, cin, cout) = (2, 17, 15, 40, 24);
                 let wts = data(r * cin * cout, 5 + m as u32);
                 let bias = data(cout, 7);
-                let direct = Conv::from_matrix(&wts, kernel, cin, cout, 1, pad, bias.clone(), false);
+                let direct = Conv::from_matrix(&wts, kernel, cin, cout, 1, pad, bias.clone(), false).without_winograd();
                 let wino = Winograd::line(&wts, kernel, m, cin, cout, pad);
                 let mut x = Act::zeros(n, h, w, cin);
                 x.data = data(x.data.len(), 3).iter().map(|v| v.abs()).collect();
@@ -613,7 +655,7 @@ mod tests {
                 let mode = StoreMode::Residual { scale: 0.2, relu: false };
                 let init = data(n * oh * ow * ld, 11);
                 let (mut want, mut got) = (init.clone(), init);
-                direct.run_direct_into(&x, &mut want, ld, 1, mode);
+                direct.run_into(&x, &mut want, ld, 1, mode);
                 wino.run_into(&x, &mut got, ld, 1, &bias, mode);
                 let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
                 let diff = want.iter().zip(&got).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
@@ -622,6 +664,20 @@ mod tests {
                     assert!(diff / scale < MAX_REL_ERROR, "F({m}, {r}) {kernel:?}: {}", diff / scale);
                 }
             }
+        }
+    }
+
+    /// The direct weights come back from the transformed ones (what quantization reads).
+    #[test]
+    fn direct_weights_come_back() {
+        for (kernel, pad) in [([3, 3], [1, 1]), ([1, 7], [0, 3]), ([7, 1], [3, 0])] {
+            let (cin, cout) = (24, 40);
+            let w = data(kernel[0] * kernel[1] * cin * cout, 9);
+            let c = Conv::from_matrix(&w, kernel, cin, cout, 1, pad, vec![0.0; cout], true);
+            assert_eq!(c.is_winograd(), enabled());
+            let back = c.weights_f32().expect("f32");
+            let err = w.iter().zip(&back).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(err < 1e-6, "{kernel:?}: {err}");
         }
     }
 
