@@ -168,29 +168,15 @@ impl Conv {
         bias: Vec<f32>,
         relu: bool,
     ) -> Self {
-        let mut conv = Self::direct(w, kernel, cin, cout, stride, pad, bias, relu);
+        let k = kernel[0] * kernel[1] * cin;
+        let packed = Weights::F32(PackedB::new(w, k, cout));
+        let mut conv = Self { cin, cout, kernel, stride, pad, w: packed, b: bias, relu, probe: None };
+        // the GEMM convolution is the reference the Winograd one is checked against
         let run = |x: &Act| conv.run(x);
         if let Some(wino) = Winograd::for_conv(w, (kernel, stride, pad), cin, cout, (&conv.b, relu), run) {
             conv.w = Weights::Winograd(Arc::new(wino));
         }
         conv
-    }
-
-    /// [`Conv::from_matrix`] as one GEMM, never Winograd.
-    #[allow(clippy::too_many_arguments)]
-    fn direct(
-        w: &[f32],
-        kernel: [usize; 2],
-        cin: usize,
-        cout: usize,
-        stride: usize,
-        pad: [usize; 2],
-        bias: Vec<f32>,
-        relu: bool,
-    ) -> Self {
-        let k = kernel[0] * kernel[1] * cin;
-        let w = Weights::F32(PackedB::new(w, k, cout));
-        Self { cin, cout, kernel, stride, pad, w, b: bias, relu, probe: None }
     }
 
     /// Whether this convolution runs as Winograd.
@@ -200,25 +186,10 @@ impl Conv {
 
     /// The same convolution run directly (one GEMM), for comparisons.
     pub fn without_winograd(self) -> Self {
-        match &self.w {
-            Weights::Winograd(wino) => {
-                let w = wino.direct_weights();
-                Self {
-                    probe: self.probe.clone(),
-                    ..Self::direct(
-                        &w,
-                        self.kernel,
-                        self.cin,
-                        self.cout,
-                        self.stride,
-                        self.pad,
-                        self.b.clone(),
-                        self.relu,
-                    )
-                }
-            }
-            _ => self,
-        }
+        let Weights::Winograd(wino) = &self.w else { return self };
+        let k = self.kernel[0] * self.kernel[1] * self.cin;
+        let w = Weights::F32(PackedB::new(&wino.direct_weights(), k, self.cout));
+        Self { w, ..self }
     }
 
     /// The f32 weights `[kh * kw * cin, cout]` (`None` once quantized; recovered from the

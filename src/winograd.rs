@@ -135,16 +135,15 @@ impl Winograd {
     /// convolution's).
     pub fn new(w: &[f32], cin: usize, cout: usize, pad: [usize; 2]) -> Self {
         assert_eq!(w.len(), 9 * cin * cout, "weights of a 3x3 convolution");
-        const G: [[f64; 3]; 6] = G4;
         let mut u = vec![vec![0f32; cin * cout]; 36];
         for ci in 0..cin {
             for co in 0..cout {
                 let g = |ky: usize, kx: usize| w[((ky * 3 + kx) * cin + ci) * cout + co] as f64;
                 for i in 0..6 {
                     // (G g)[i][kx]
-                    let gg: [f64; 3] = std::array::from_fn(|kx| (0..3).map(|ky| G[i][ky] * g(ky, kx)).sum());
+                    let gg: [f64; 3] = std::array::from_fn(|kx| (0..3).map(|ky| G4[i][ky] * g(ky, kx)).sum());
                     for j in 0..6 {
-                        let v: f64 = (0..3).map(|kx| gg[kx] * G[j][kx]).sum();
+                        let v: f64 = (0..3).map(|kx| gg[kx] * G4[j][kx]).sum();
                         u[6 * i + j][ci * cout + co] = v as f32;
                     }
                 }
