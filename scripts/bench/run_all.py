@@ -71,15 +71,17 @@ def main():
     ap.add_argument("--json-out", default=os.path.join(HERE, f"results_{datetime.date.today()}.json"))
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--no-demo", action="store_true", help="skip the demo-configuration training row")
+    ap.add_argument("--modes", nargs="*", default=["infer", "train"], help="which rows: infer and/or train")
     args = ap.parse_args()
     # (label, model, mode, batch, precision, baselines, size, width)
     plan = []
     for model in args.models:
-        for batch, runs in [(1, 10), (8, 4)]:
+        for batch, runs in [(1, 10), (8, 4)] if "infer" in args.modes else []:
             plan.append((model, "infer", batch, "f32", ["torch", "torch_cl", "ort", "openvino"], 299, 1.0, runs))
             plan.append((model, "infer", batch, "int8", ["ort_int8"], 299, 1.0, runs))
-        plan.append((model, "train", 8, "f32", ["torch"], 299, 1.0, 3))
-    if not args.no_demo:
+        if "train" in args.modes:
+            plan.append((model, "train", 8, "f32", ["torch"], 299, 1.0, 3))
+    if not args.no_demo and "train" in args.modes:
         plan.append(("inception_resnet_v1", "train", 32, "f32", ["torch"], 75, 0.25, 5))
     rows, raw, peaks, own_f32 = [], [], [], {}
     for model, mode, batch, precision, systems, size, width, runs in plan:
