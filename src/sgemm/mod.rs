@@ -154,9 +154,9 @@ impl PackedB {
 }
 
 /// int8 `B` (`[k, n]` row-major, `k` a multiple of 4) packed for the u8 x i8 kernels: a line
-/// holds 16 columns x 4 consecutive k. Where the kernel is `vpmaddubsw` (no VNNI), whose
-/// 16-bit pair sums would saturate with 8-bit weights, the weights are halved to 7 bits at
-/// packing (`[-64, 63]`, round half to even) and their scales doubled, so every kernel computes
+/// holds 16 columns x 4 consecutive k. For the AVX2 kernel, which sums products in 16 bits
+/// (see [`narrow`]), each column's weights are divided at packing by the smallest factor that
+/// keeps those sums from overflowing, and its scale multiplied by it, so every kernel computes
 /// exact integer sums of the weights it holds.
 #[derive(Clone, Debug)]
 pub struct PackedQ {
@@ -176,7 +176,7 @@ impl PackedQ {
 
     fn new_for(isa: QIsa, w: &[i8], k: usize, n: usize, scale: &[f32]) -> Self {
         assert!(w.len() == k * n && k.is_multiple_of(4) && scale.len() == n, "bad int8 weight matrix");
-        let half = isa == QIsa::Avx2;
+        let (w, div) = narrow(isa, w, k, n);
         let mut p = Panels::zeros(k / 4, n, KC_WIDE);
         let mut data = std::mem::take(&mut p.data);
         let bytes = data.bytes_mut();
@@ -185,14 +185,13 @@ impl PackedQ {
             for j in 0..cols {
                 for t in 0..4 {
                     let v = w[(4 * s + t) * n + c0 + j];
-                    let v = if half { (v as f32 / 2.0).round_ties_even() as i8 } else { v };
                     bytes[line * 64 + 4 * j + t] = v as u8;
                     sums[c0 + j] += v as i32;
                 }
             }
         });
         p.data = data;
-        let scale = scale.iter().map(|s| if half { s * 2.0 } else { *s }).collect();
+        let scale = scale.iter().zip(&div).map(|(s, d)| s * d).collect();
         Self { p, scale, sums, isa }
     }
 
@@ -214,6 +213,51 @@ impl PackedQ {
     pub fn n(&self) -> usize {
         self.p.n
     }
+}
+
+/// The weights `[k, n]` as `isa`'s kernel holds them, and each column's divisor (the weights
+/// held are `round(w / d)`, half to even). The AVX2 kernel adds two `vpmaddubsw` results (each
+/// lane `x0 w0 + x1 w1`, saturating) in 16 bits before widening: with u8 inputs nothing
+/// saturates or wraps while `255 * sum |w|` of the four weights feeding a 16-bit lane stays
+/// below 2^15, i.e. `sum |w| <= 128` for taps `(t, t+1)` of step `s` with `(t, t+1)` of step
+/// `s + 1` (`t` = 0 or 2), for every `s`, whichever steps the kernel pairs. A column's divisor
+/// is the smallest (>= 1) that brings its worst group there: ~1.5-2 for trained weights, 1
+/// for small ones, so the held weights keep 7-8 bits. The other kernels take the weights as
+/// they are.
+fn narrow(isa: QIsa, w: &[i8], k: usize, n: usize) -> (Vec<i8>, Vec<f32>) {
+    if isa != QIsa::Avx2 {
+        return (w.to_vec(), vec![1.0; n]);
+    }
+    let steps = k / 4;
+    let mut out = vec![0i8; k * n];
+    let mut div = vec![1.0f32; n];
+    let mut col = vec![0i32; k];
+    for c in 0..n {
+        let held = |d: f32, col: &mut [i32]| {
+            for (i, v) in col.iter_mut().enumerate() {
+                *v = (w[i * n + c] as f32 / d).round_ties_even() as i32;
+            }
+        };
+        let worst = |col: &[i32]| {
+            let pair = |s: usize, t: usize| col[4 * s + t].abs() + col[4 * s + t + 1].abs();
+            (0..steps)
+                .flat_map(|s| [0, 2].map(|t| pair(s, t) + if s + 1 < steps { pair(s + 1, t) } else { 0 }))
+                .max()
+                .unwrap_or(0)
+        };
+        held(1.0, &mut col);
+        let mut d = (worst(&col) as f32 / 128.0).max(1.0);
+        held(d, &mut col);
+        while worst(&col) > 128 {
+            d *= 1.01;
+            held(d, &mut col);
+        }
+        div[c] = d;
+        for (i, v) in col.iter().enumerate() {
+            out[i * n + c] = *v as i8;
+        }
+    }
+    (out, div)
 }
 
 /// The instruction set a GEMM's micro-kernel uses.
@@ -263,7 +307,8 @@ impl Isa {
     }
 }
 
-/// The int8 kernel: AVX512-VNNI (`vpdpbusd`), AVX2 (`vpmaddubsw`, 7-bit weights) or portable.
+/// The int8 kernel: AVX512-VNNI (`vpdpbusd`), AVX2 (`vpmaddubsw`, weights narrowed by
+/// [`narrow`]) or portable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum QIsa {
     Portable,
@@ -898,55 +943,102 @@ mod tests {
             let (oh, ow) = ((h + 2 * pad[0] - kh) / s + 1, (w + 2 * pad[1] - kw) / s + 1);
             let m = m_img * oh * ow;
             let k = kh * kw * cin;
-            let x: Vec<u8> = bytes(m_img * h * w * cin, 9, 0, 255).into_iter().map(|v| v as u8).collect();
-            let wt: Vec<i8> = bytes(k * n, 3, -127, 127).into_iter().map(|v| v as i8).collect();
-            let scale: Vec<f32> = (0..n).map(|j| 0.001 + j as f32 * 1e-5).collect();
-            let bias = data(n, 7);
-            let rows =
-                Rows::Conv { data: &x, ld: cin, c0: 0, cin, hw: [h, w], k: [kh, kw], stride: s, pad, out: [oh, ow] };
-            let epi = Epilogue { bias: Some(&bias), alpha: 1.0, load: false, relu: false };
-            for isa in QIsa::available() {
-                let pq = PackedQ::new_for(isa, &wt, k, n, &scale);
-                let eff: Vec<i64> =
-                    (0..k * n)
-                        .map(|i| {
-                            if isa == QIsa::Avx2 { (wt[i] as f32 / 2.0).round_ties_even() as i64 } else { wt[i] as i64 }
-                        })
-                        .collect();
-                let mut got = vec![0.0f32; m * n];
-                qgemm(m, rows, &pq, pq.scale(), &mut got, n, 0, epi);
-                let mut port = vec![0.0f32; m * n];
-                drive(portable::Q8, m, rows, &pq.p, Some(pq.scale()), &mut port, n, 0, epi);
-                assert_eq!(got, port, "{isa:?} differs from the portable kernel");
-                for r in 0..m {
-                    let (b, oy, ox) = (r / (oh * ow), (r / ow) % oh, r % ow);
-                    for j in 0..n {
-                        let mut sum = 0i64;
-                        for ky in 0..kh {
-                            for kx in 0..kw {
-                                let (iy, ix) = (
-                                    (oy * s + ky) as isize - pad[0] as isize,
-                                    (ox * s + kx) as isize - pad[1] as isize,
-                                );
-                                if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
-                                    continue;
-                                }
-                                for ci in 0..cin {
-                                    let xv = x[((b * h + iy as usize) * w + ix as usize) * cin + ci] as i64;
-                                    sum += xv * eff[((ky * kw + kx) * cin + ci) * n + j];
+            // random; the worst case for 16-bit sums (inputs 255, weights +-127 by column); small
+            // weights (that need no narrowing)
+            for case in 0..3 {
+                let x: Vec<u8> = match case {
+                    1 => vec![255; m_img * h * w * cin],
+                    _ => bytes(m_img * h * w * cin, 9, 0, 255).into_iter().map(|v| v as u8).collect(),
+                };
+                let wt: Vec<i8> = match case {
+                    0 => bytes(k * n, 3, -127, 127).into_iter().map(|v| v as i8).collect(),
+                    1 => (0..k * n).map(|i| if i % n % 2 == 0 { 127 } else { -128 }).collect(),
+                    _ => bytes(k * n, 3, -32, 32).into_iter().map(|v| v as i8).collect(),
+                };
+                let scale: Vec<f32> = (0..n).map(|j| 0.001 + j as f32 * 1e-5).collect();
+                let bias = data(n, 7);
+                let rows = Rows::Conv {
+                    data: &x,
+                    ld: cin,
+                    c0: 0,
+                    cin,
+                    hw: [h, w],
+                    k: [kh, kw],
+                    stride: s,
+                    pad,
+                    out: [oh, ow],
+                };
+                let epi = Epilogue { bias: Some(&bias), alpha: 1.0, load: false, relu: false };
+                for isa in QIsa::available() {
+                    let pq = PackedQ::new_for(isa, &wt, k, n, &scale);
+                    let (held, div) = narrow(isa, &wt, k, n);
+                    if case == 2 {
+                        assert!(div.iter().all(|d| *d == 1.0), "{isa:?}: small weights narrowed");
+                    }
+                    let eff: Vec<i64> = held.iter().map(|v| *v as i64).collect();
+                    let mut got = vec![0.0f32; m * n];
+                    qgemm(m, rows, &pq, pq.scale(), &mut got, n, 0, epi);
+                    let mut port = vec![0.0f32; m * n];
+                    drive(portable::Q8, m, rows, &pq.p, Some(pq.scale()), &mut port, n, 0, epi);
+                    assert_eq!(got, port, "{isa:?} differs from the portable kernel");
+                    for r in 0..m {
+                        let (b, oy, ox) = (r / (oh * ow), (r / ow) % oh, r % ow);
+                        for j in 0..n {
+                            let mut sum = 0i64;
+                            for ky in 0..kh {
+                                for kx in 0..kw {
+                                    let (iy, ix) = (
+                                        (oy * s + ky) as isize - pad[0] as isize,
+                                        (ox * s + kx) as isize - pad[1] as isize,
+                                    );
+                                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                        continue;
+                                    }
+                                    for ci in 0..cin {
+                                        let xv = x[((b * h + iy as usize) * w + ix as usize) * cin + ci] as i64;
+                                        sum += xv * eff[((ky * kw + kx) * cin + ci) * n + j];
+                                    }
                                 }
                             }
+                            let want = sum as f64 * pq.scale()[j] as f64 + bias[j] as f64;
+                            let tol = 1e-5 * (sum.abs() as f64 * pq.scale()[j] as f64 + 1.0);
+                            assert!(
+                                (got[r * n + j] as f64 - want).abs() <= tol,
+                                "{isa:?} ({r},{j}): {} vs {want}",
+                                got[r * n + j]
+                            );
                         }
-                        let want = sum as f64 * pq.scale()[j] as f64 + bias[j] as f64;
-                        let tol = 1e-5 * (sum.abs() as f64 * pq.scale()[j] as f64 + 1.0);
-                        assert!(
-                            (got[r * n + j] as f64 - want).abs() <= tol,
-                            "{isa:?} ({r},{j}): {} vs {want}",
-                            got[r * n + j]
-                        );
                     }
                 }
             }
+        }
+    }
+
+    /// The AVX2 kernel's weights: every group of four feeding a 16-bit lane within
+    /// `sum |w| <= 128`, with no more narrowing than that needs.
+    #[test]
+    fn narrowed_weights_keep_16_bit_sums_exact() {
+        let (k, n) = (36, 5);
+        let wt: Vec<i8> = bytes(k * n, 5, -127, 127).into_iter().map(|v| v as i8).collect();
+        let (held, div) = narrow(QIsa::Avx2, &wt, k, n);
+        for c in 0..n {
+            let w = |i: usize| (held[i * n + c] as i32).abs();
+            let mut worst = 0;
+            for s in 0..k / 4 - 1 {
+                for t in [0, 2] {
+                    worst = worst.max(w(4 * s + t) + w(4 * s + t + 1) + w(4 * s + t + 4) + w(4 * s + t + 5));
+                }
+            }
+            assert!(worst <= 128, "column {c}: a group sums to {worst}");
+            // 3% less narrowing would break the bound
+            let tighter: Vec<i32> =
+                (0..k).map(|i| (wt[i * n + c] as f32 / (div[c] * 0.97)).round_ties_even() as i32).collect();
+            let w2 = |i: usize| tighter[i].abs();
+            let worst2 = (0..k / 4 - 1)
+                .flat_map(|s| [0, 2].map(|t| w2(4 * s + t) + w2(4 * s + t + 1) + w2(4 * s + t + 4) + w2(4 * s + t + 5)))
+                .max()
+                .unwrap();
+            assert!(div[c] == 1.0 || worst2 > 128, "column {c}: divisor {} not the smallest", div[c]);
         }
     }
 
