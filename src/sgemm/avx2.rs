@@ -1,8 +1,9 @@
 //! AVX2 micro-kernels, one 6 x 16 tile per call (12 ymm accumulators): f32 with FMA, and
-//! u8 x i8 with `vpmaddubsw`, two of them added in 16 bits before each `vpmaddwd` widens
-//! (3 multiplies per 8 k instead of 4); the 16-bit sums stay exact because `PackedQ` narrows
-//! each column's weights for this kernel (`sgemm::narrow`). Full tiles are stored from the
-//! registers; partial ones through a scratch tile.
+//! u8 x i8 with `vpmaddubsw` + `vpmaddwd`, or, where the weights allow, two `vpmaddubsw`
+//! added in 16 bits before each `vpmaddwd` widens (3 multiplies per 8 k instead of 4); the
+//! 16-bit sums stay exact because `PackedQ` narrows each column's weights for the kernel
+//! (`sgemm::narrow`). Full tiles are stored from the registers; partial ones through a
+//! scratch tile.
 
 use super::portable::dequantize;
 use super::{Kernel, MR, NR, Seg, TileEpi, store_tile};
@@ -162,11 +163,12 @@ unsafe fn f32_kernel(segs: &[Seg], mut b: *const f32, c: *mut f32, ldc: usize, b
     }
 }
 
-/// u8 x i8 (weights narrowed by `sgemm::narrow`), i32 sums.
+/// u8 x i8 (weights narrowed by `sgemm::narrow`), i32 sums; `PAIRS`: two k-quads summed in
+/// 16 bits per widening.
 #[derive(Clone, Copy)]
-pub(super) struct Q8;
+pub(super) struct Q8<const PAIRS: bool>;
 
-impl Kernel for Q8 {
+impl<const PAIRS: bool> Kernel for Q8<PAIRS> {
     type A = u8;
     const PANELS: usize = 1;
 
@@ -182,7 +184,7 @@ impl Kernel for Q8 {
         e: &TileEpi<'_>,
     ) {
         // SAFETY: as the trait requires.
-        unsafe { q8_tile(segs, b, c, ldc, rows, cols, e) }
+        unsafe { q8_tile::<PAIRS>(segs, b, c, ldc, rows, cols, e) }
     }
 }
 
@@ -193,14 +195,22 @@ impl Kernel for Q8 {
 /// # Safety
 /// As [`Kernel::tile`], with the kernel's weight range.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn q8_tile(segs: &[Seg], b: *const u8, c: *mut f32, ldc: usize, rows: usize, cols: usize, e: &TileEpi<'_>) {
+unsafe fn q8_tile<const PAIRS: bool>(
+    segs: &[Seg],
+    b: *const u8,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    e: &TileEpi<'_>,
+) {
     unsafe {
         // the tile's C lines are fetched while it computes (the f32 kernel does the same)
         for i in 0..rows {
             _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc) as *const i8);
             _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc + 15) as *const i8);
         }
-        let acc = q8_kernel(segs, b);
+        let acc = q8_kernel::<PAIRS>(segs, b);
         if rows == MR && cols == NR {
             let (mut scale, mut bias) = ([0.0f32; NR], [0.0f32; NR]);
             scale.copy_from_slice(e.scale.unwrap_or(&[1.0; NR]));
@@ -236,7 +246,7 @@ unsafe fn q8_tile(segs: &[Seg], b: *const u8, c: *mut f32, ldc: usize, rows: usi
 /// per step of all runs; the weights within `sgemm::narrow`'s bound.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn q8_kernel(segs: &[Seg], mut b: *const u8) -> [[__m256i; 2]; 6] {
+unsafe fn q8_kernel<const PAIRS: bool>(segs: &[Seg], mut b: *const u8) -> [[__m256i; 2]; 6] {
     unsafe {
         let ones = _mm256_set1_epi16(1);
         let z = _mm256_setzero_si256();
@@ -268,7 +278,7 @@ unsafe fn q8_kernel(segs: &[Seg], mut b: *const u8) -> [[__m256i; 2]; 6] {
             }
             let [a0, a1, a2, a3, a4, a5] = seg.p;
             let mut j = 0;
-            while j + 2 <= seg.run {
+            while PAIRS && j + 2 <= seg.run {
                 let w0 = _mm256_load_si256(b.cast());
                 let w1 = _mm256_load_si256(b.add(32).cast());
                 let v0 = _mm256_load_si256(b.add(64).cast());

@@ -165,6 +165,8 @@ pub struct PackedQ {
     scale: Vec<f32>,
     sums: Vec<i32>,
     isa: QIsa,
+    /// The AVX2 kernel pairs k-quads ([`narrow`]).
+    pairs: bool,
 }
 
 impl PackedQ {
@@ -176,7 +178,7 @@ impl PackedQ {
 
     fn new_for(isa: QIsa, w: &[i8], k: usize, n: usize, scale: &[f32]) -> Self {
         assert!(w.len() == k * n && k.is_multiple_of(4) && scale.len() == n, "bad int8 weight matrix");
-        let (w, div) = narrow(isa, w, k, n);
+        let (w, div, pairs) = narrow(isa, w, k, n);
         let mut p = Panels::zeros(k / 4, n, KC_WIDE);
         let mut data = std::mem::take(&mut p.data);
         let bytes = data.bytes_mut();
@@ -192,7 +194,7 @@ impl PackedQ {
         });
         p.data = data;
         let scale = scale.iter().zip(&div).map(|(s, d)| s * d).collect();
-        Self { p, scale, sums, isa }
+        Self { p, scale, sums, isa, pairs }
     }
 
     /// Per-column scale of the integers as packed.
@@ -215,49 +217,54 @@ impl PackedQ {
     }
 }
 
-/// The weights `[k, n]` as `isa`'s kernel holds them, and each column's divisor (the weights
-/// held are `round(w / d)`, half to even). The AVX2 kernel adds two `vpmaddubsw` results (each
-/// lane `x0 w0 + x1 w1`, saturating) in 16 bits before widening: with u8 inputs nothing
-/// saturates or wraps while `255 * sum |w|` of the four weights feeding a 16-bit lane stays
-/// below 2^15, i.e. `sum |w| <= 128` for taps `(t, t+1)` of step `s` with `(t, t+1)` of step
-/// `s + 1` (`t` = 0 or 2), for every `s`, whichever steps the kernel pairs. A column's divisor
-/// is the smallest (>= 1) that brings its worst group there: ~1.5-2 for trained weights, 1
-/// for small ones, so the held weights keep 7-8 bits. The other kernels take the weights as
-/// they are.
-fn narrow(isa: QIsa, w: &[i8], k: usize, n: usize) -> (Vec<i8>, Vec<f32>) {
+/// The weights `[k, n]` as `isa`'s kernel holds them, each column's divisor (the weights held
+/// are `round(w / d)`, half to even), and whether the AVX2 kernel may pair k-quads.
+///
+/// The AVX2 kernel's 16-bit lanes hold `x0 w0 + x1 w1` (`vpmaddubsw`, saturating): with u8
+/// inputs exact while `|w0| + |w1| <= 128` (`255 * 128 < 2^15`). Paired, two such lanes are
+/// added in 16 bits before widening, so four weights share a lane: exact while their `sum |w|
+/// <= 128`, for taps `(t, t+1)` of step `s` with `(t, t+1)` of step `s + 1` (`t` = 0 or 2),
+/// for every `s`, whichever steps the kernel pairs. Each column takes the smallest divisor
+/// (>= 1) that its worst group needs. Pairing saves a quarter of the multiplies but needs
+/// ~2.5-3.5 on trained weights; the layer pairs only where no column needs more than 2, the
+/// divisor of 7-bit weights, so int8 never holds fewer bits than that (logits of the demo
+/// were 3-10% off with pairing everywhere, 1-2% with 8-bit weights). The other kernels take
+/// the weights as they are.
+fn narrow(isa: QIsa, w: &[i8], k: usize, n: usize) -> (Vec<i8>, Vec<f32>, bool) {
     if isa != QIsa::Avx2 {
-        return (w.to_vec(), vec![1.0; n]);
+        return (w.to_vec(), vec![1.0; n], false);
     }
     let steps = k / 4;
-    let mut out = vec![0i8; k * n];
-    let mut div = vec![1.0f32; n];
-    let mut col = vec![0i32; k];
-    for c in 0..n {
-        let held = |d: f32, col: &mut [i32]| {
-            for (i, v) in col.iter_mut().enumerate() {
-                *v = (w[i * n + c] as f32 / d).round_ties_even() as i32;
-            }
-        };
-        let worst = |col: &[i32]| {
-            let pair = |s: usize, t: usize| col[4 * s + t].abs() + col[4 * s + t + 1].abs();
-            (0..steps)
-                .flat_map(|s| [0, 2].map(|t| pair(s, t) + if s + 1 < steps { pair(s + 1, t) } else { 0 }))
-                .max()
-                .unwrap_or(0)
-        };
-        held(1.0, &mut col);
-        let mut d = (worst(&col) as f32 / 128.0).max(1.0);
-        held(d, &mut col);
+    let held =
+        |c: usize, d: f32| -> Vec<i32> { (0..k).map(|i| (w[i * n + c] as f32 / d).round_ties_even() as i32).collect() };
+    let pair = |col: &[i32], s: usize, t: usize| col[4 * s + t].abs() + col[4 * s + t + 1].abs();
+    let worst_pair = |col: &[i32]| (0..steps).flat_map(|s| [0, 2].map(|t| pair(col, s, t))).max().unwrap_or(0);
+    let worst_group = |col: &[i32]| {
+        (0..steps)
+            .flat_map(|s| [0, 2].map(|t| pair(col, s, t) + if s + 1 < steps { pair(col, s + 1, t) } else { 0 }))
+            .max()
+            .unwrap_or(0)
+    };
+    // the smallest divisor whose held weights keep `worst` within 128
+    let divisor = |c: usize, worst: &dyn Fn(&[i32]) -> i32| {
+        let mut d = (worst(&held(c, 1.0)) as f32 / 128.0).max(1.0);
+        let mut col = held(c, d);
         while worst(&col) > 128 {
             d *= 1.01;
-            held(d, &mut col);
+            col = held(c, d);
         }
-        div[c] = d;
+        (d, col)
+    };
+    let paired: Vec<(f32, Vec<i32>)> = (0..n).map(|c| divisor(c, &worst_group)).collect();
+    let pairs = paired.iter().all(|(d, _)| *d <= 2.0);
+    let cols = if pairs { paired } else { (0..n).map(|c| divisor(c, &worst_pair)).collect() };
+    let mut out = vec![0i8; k * n];
+    for (c, (_, col)) in cols.iter().enumerate() {
         for (i, v) in col.iter().enumerate() {
             out[i * n + c] = *v as i8;
         }
     }
-    (out, div)
+    (out, cols.iter().map(|(d, _)| *d).collect(), pairs)
 }
 
 /// The instruction set a GEMM's micro-kernel uses.
@@ -690,7 +697,9 @@ pub fn qgemm(
     match b.isa {
         QIsa::Portable => drive(portable::Q8, m, a, &b.p, s, c, ldc, c0, epi),
         #[cfg(target_arch = "x86_64")]
-        QIsa::Avx2 => drive(avx2::Q8, m, a, &b.p, s, c, ldc, c0, epi),
+        QIsa::Avx2 if b.pairs => drive(avx2::Q8::<true>, m, a, &b.p, s, c, ldc, c0, epi),
+        #[cfg(target_arch = "x86_64")]
+        QIsa::Avx2 => drive(avx2::Q8::<false>, m, a, &b.p, s, c, ldc, c0, epi),
         #[cfg(target_arch = "x86_64")]
         QIsa::Avx512Vnni => drive(avx512::Q8, m, a, &b.p, s, c, ldc, c0, epi),
         #[cfg(not(target_arch = "x86_64"))]
@@ -944,16 +953,17 @@ mod tests {
             let m = m_img * oh * ow;
             let k = kh * kw * cin;
             // random; the worst case for 16-bit sums (inputs 255, weights +-127 by column); small
-            // weights (that need no narrowing)
-            for case in 0..3 {
+            // weights (no narrowing, AVX2 pairs k-quads), and their worst case
+            for case in 0..4 {
                 let x: Vec<u8> = match case {
-                    1 => vec![255; m_img * h * w * cin],
+                    1 | 3 => vec![255; m_img * h * w * cin],
                     _ => bytes(m_img * h * w * cin, 9, 0, 255).into_iter().map(|v| v as u8).collect(),
                 };
                 let wt: Vec<i8> = match case {
                     0 => bytes(k * n, 3, -127, 127).into_iter().map(|v| v as i8).collect(),
                     1 => (0..k * n).map(|i| if i % n % 2 == 0 { 127 } else { -128 }).collect(),
-                    _ => bytes(k * n, 3, -32, 32).into_iter().map(|v| v as i8).collect(),
+                    2 => bytes(k * n, 3, -32, 32).into_iter().map(|v| v as i8).collect(),
+                    _ => (0..k * n).map(|i| if i % n % 2 == 0 { 32 } else { -32 }).collect(),
                 };
                 let scale: Vec<f32> = (0..n).map(|j| 0.001 + j as f32 * 1e-5).collect();
                 let bias = data(n, 7);
@@ -971,10 +981,11 @@ mod tests {
                 let epi = Epilogue { bias: Some(&bias), alpha: 1.0, load: false, relu: false };
                 for isa in QIsa::available() {
                     let pq = PackedQ::new_for(isa, &wt, k, n, &scale);
-                    let (held, div) = narrow(isa, &wt, k, n);
-                    if case == 2 {
+                    let (held, div, pairs) = narrow(isa, &wt, k, n);
+                    if case >= 2 {
                         assert!(div.iter().all(|d| *d == 1.0), "{isa:?}: small weights narrowed");
                     }
+                    assert_eq!(pairs, isa == QIsa::Avx2 && case >= 2, "{isa:?}: pairing of case {case}");
                     let eff: Vec<i64> = held.iter().map(|v| *v as i64).collect();
                     let mut got = vec![0.0f32; m * n];
                     qgemm(m, rows, &pq, pq.scale(), &mut got, n, 0, epi);
@@ -1014,31 +1025,34 @@ mod tests {
         }
     }
 
-    /// The AVX2 kernel's weights: every group of four feeding a 16-bit lane within
-    /// `sum |w| <= 128`, with no more narrowing than that needs.
+    /// The AVX2 kernel's weights: every pair (or, paired, every group of four) feeding a
+    /// 16-bit lane within `sum |w| <= 128`, with no more narrowing than that needs; pairing
+    /// only where it costs no column more than a divisor of 2.
     #[test]
     fn narrowed_weights_keep_16_bit_sums_exact() {
         let (k, n) = (36, 5);
-        let wt: Vec<i8> = bytes(k * n, 5, -127, 127).into_iter().map(|v| v as i8).collect();
-        let (held, div) = narrow(QIsa::Avx2, &wt, k, n);
-        for c in 0..n {
-            let w = |i: usize| (held[i * n + c] as i32).abs();
-            let mut worst = 0;
-            for s in 0..k / 4 - 1 {
-                for t in [0, 2] {
-                    worst = worst.max(w(4 * s + t) + w(4 * s + t + 1) + w(4 * s + t + 4) + w(4 * s + t + 5));
-                }
+        let worst = |col: &[i32], pairs: bool| {
+            let p = |s: usize, t: usize| col[4 * s + t].abs() + col[4 * s + t + 1].abs();
+            let next = |s: usize, t: usize| if pairs && s + 1 < k / 4 { p(s + 1, t) } else { 0 };
+            (0..k / 4).flat_map(|s| [0, 2].map(|t| p(s, t) + next(s, t))).max().unwrap()
+        };
+        for (lo, hi, want_pairs) in [(-127, 127, false), (-40, 40, true)] {
+            let wt: Vec<i8> = bytes(k * n, 5, lo, hi).into_iter().map(|v| v as i8).collect();
+            let (held, div, pairs) = narrow(QIsa::Avx2, &wt, k, n);
+            assert_eq!(pairs, want_pairs, "weights in [{lo}, {hi}]");
+            assert!(!pairs || div.iter().all(|d| *d <= 2.0));
+            for c in 0..n {
+                let col: Vec<i32> = (0..k).map(|i| held[i * n + c] as i32).collect();
+                assert!(worst(&col, pairs) <= 128, "column {c}: a lane sums to {}", worst(&col, pairs));
+                // 3% less narrowing would break the bound
+                let tighter: Vec<i32> =
+                    (0..k).map(|i| (wt[i * n + c] as f32 / (div[c] * 0.97)).round_ties_even() as i32).collect();
+                assert!(
+                    div[c] == 1.0 || worst(&tighter, pairs) > 128,
+                    "column {c}: divisor {} not the smallest",
+                    div[c]
+                );
             }
-            assert!(worst <= 128, "column {c}: a group sums to {worst}");
-            // 3% less narrowing would break the bound
-            let tighter: Vec<i32> =
-                (0..k).map(|i| (wt[i * n + c] as f32 / (div[c] * 0.97)).round_ties_even() as i32).collect();
-            let w2 = |i: usize| tighter[i].abs();
-            let worst2 = (0..k / 4 - 1)
-                .flat_map(|s| [0, 2].map(|t| w2(4 * s + t) + w2(4 * s + t + 1) + w2(4 * s + t + 4) + w2(4 * s + t + 5)))
-                .max()
-                .unwrap();
-            assert!(div[c] == 1.0 || worst2 > 128, "column {c}: divisor {} not the smallest", div[c]);
         }
     }
 
