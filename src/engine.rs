@@ -71,6 +71,54 @@ impl Act {
     fn clone_shape(&self) -> Self {
         Self { data: Vec::new(), ..*self }
     }
+
+    /// All channels, read in place.
+    pub(crate) fn view(&self) -> View<'_> {
+        self.slice(0, self.c)
+    }
+
+    /// Channels `[c0, c0 + c)`, read in place.
+    pub(crate) fn slice(&self, c0: usize, c: usize) -> View<'_> {
+        assert!(c0 + c <= self.c, "channel slice outside the activation");
+        View { data: &self.data, n: self.n, h: self.h, w: self.w, ld: self.c, c0, c }
+    }
+}
+
+/// Channels `[c0, c0 + c)` of an NHWC activation with `ld` channels a pixel, read in place: a
+/// slice of the merged 1x1's output feeds the rest of its branch without a copy.
+#[derive(Clone, Copy, Debug)]
+pub struct View<'a> {
+    pub(crate) data: &'a [f32],
+    pub(crate) n: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
+    pub(crate) ld: usize,
+    pub(crate) c0: usize,
+    pub(crate) c: usize,
+}
+
+impl<'a> From<&'a Act> for View<'a> {
+    fn from(a: &'a Act) -> Self {
+        a.view()
+    }
+}
+
+impl View<'_> {
+    /// The viewed channels as a contiguous activation (a copy unless they are all of it).
+    pub(crate) fn to_act(self) -> Act {
+        let mut y = Act::zeros(self.n, self.h, self.w, self.c);
+        let (c0, c) = (self.c0, self.c);
+        y.data
+            .par_chunks_mut(c)
+            .zip(self.data.par_chunks(self.ld))
+            .for_each(|(d, s)| d.copy_from_slice(&s[c0..c0 + c]));
+        y
+    }
+
+    /// The viewed channels starting at pixel 0 (pixel `p` at `p * ld`).
+    pub(crate) fn rows(&self) -> &[f32] {
+        &self.data[self.c0..]
+    }
 }
 
 /// How a convolution's result is written.
@@ -242,16 +290,17 @@ impl Conv {
         self.kernel == [1, 1] && self.stride == 1
     }
 
-    /// The GEMM rows of this convolution on an NHWC input `data` (`ld` channels a pixel).
-    fn rows<'a, T: sgemm::Elem>(&self, data: &'a [T], x: &Act, ld: usize) -> Rows<'a, T> {
+    /// The GEMM rows of this convolution on NHWC input `data` of `x`'s geometry: channels
+    /// `[c0, c0 + cin)` of pixels `ld` apart.
+    fn rows<'a, T: sgemm::Elem>(&self, data: &'a [T], x: &View, (ld, c0): (usize, usize)) -> Rows<'a, T> {
         if self.is_pointwise() {
-            Rows::Dense { data, ld }
+            Rows::Dense { data: &data[c0..], ld }
         } else {
             Rows::Conv {
                 data,
                 ld,
-                c0: 0,
-                cin: ld,
+                c0,
+                cin: self.cin.next_multiple_of(T::STEP),
                 hw: [x.h, x.w],
                 k: self.kernel,
                 stride: self.stride,
@@ -262,9 +311,12 @@ impl Conv {
     }
 
     /// Run on `x`, writing channels `[off, off + cout)` of `dst` (row stride `ld`).
-    pub(crate) fn run_into(&self, x: &Act, dst: &mut [f32], ld: usize, off: usize, mode: StoreMode) {
+    pub(crate) fn run_into<'a>(&self, x: impl Into<View<'a>>, dst: &mut [f32], ld: usize, off: usize, mode: StoreMode) {
+        let x: View = x.into();
+        assert_eq!(x.c, self.cin, "input channels");
         if let Some(p) = &self.probe {
-            p.lock().unwrap_or_else(|e| e.into_inner()).observe(&x.data);
+            let stats = &mut *p.lock().unwrap_or_else(|e| e.into_inner());
+            if x.ld == x.c { stats.observe(x.data) } else { stats.observe(&x.to_act().data) }
         }
         let (oh, ow) = self.out_hw(x.h, x.w);
         let bias = match &self.w {
@@ -278,17 +330,18 @@ impl Conv {
         };
         let m = x.n * oh * ow;
         match &self.w {
-            Weights::F32(w) => sgemm::gemm(m, self.rows(&x.data, x, x.c), w, dst, ld, off, epi),
+            Weights::F32(w) => sgemm::gemm(m, self.rows(x.data, &x, (x.ld, x.c0)), w, dst, ld, off, epi),
             Weights::Winograd(_) => unreachable!("returned above"),
             Weights::Int8 { w, cin4, x_scale, x_zero, col_scale, .. } => {
-                let q = quantize_u8(&x.data, x.c, *cin4, *x_scale, *x_zero);
-                sgemm::qgemm(m, self.rows(&q, x, *cin4), w, col_scale, dst, ld, off, epi);
+                let q = quantize_u8(&x, *cin4, *x_scale, *x_zero);
+                sgemm::qgemm(m, self.rows(&q, &x, (*cin4, 0)), w, col_scale, dst, ld, off, epi);
             }
         }
     }
 
     /// Run on `x` into a new activation.
-    pub fn run(&self, x: &Act) -> Act {
+    pub fn run<'a>(&self, x: impl Into<View<'a>>) -> Act {
+        let x: View = x.into();
         let (oh, ow) = self.out_hw(x.h, x.w);
         let mut y = Act::zeros(x.n, oh, ow, self.cout);
         self.run_into(x, &mut y.data, self.cout, 0, StoreMode::Store { relu: self.relu });
@@ -297,17 +350,18 @@ impl Conv {
 }
 
 /// 3x3 / 2 max pool (VALID) into channels `[off, off + c)` of `dst`.
-pub(crate) fn max_pool_into(x: &Act, dst: &mut [f32], ld: usize, off: usize) {
+pub(crate) fn max_pool_into<'a>(x: impl Into<View<'a>>, dst: &mut [f32], ld: usize, off: usize) {
+    let x: View = x.into();
     let (oh, ow) = ((x.h - 3) / 2 + 1, (x.w - 3) / 2 + 1);
-    let c = x.c;
+    let (c, xs) = (x.c, x.rows());
     dst[..x.n * oh * ow * ld].par_chunks_mut(ld).enumerate().for_each(|(r, row)| {
         let (b, oy, ox) = (r / (oh * ow), (r / ow) % oh, r % ow);
         let out = &mut row[off..off + c];
         out.fill(f32::NEG_INFINITY);
         for dy in 0..3 {
             for dx in 0..3 {
-                let src = ((b * x.h + oy * 2 + dy) * x.w + ox * 2 + dx) * c;
-                for (o, v) in out.iter_mut().zip(&x.data[src..src + c]) {
+                let src = ((b * x.h + oy * 2 + dy) * x.w + ox * 2 + dx) * x.ld;
+                for (o, v) in out.iter_mut().zip(&xs[src..src + c]) {
                     *o = o.max(*v);
                 }
             }
@@ -316,16 +370,17 @@ pub(crate) fn max_pool_into(x: &Act, dst: &mut [f32], ld: usize, off: usize) {
 }
 
 /// 3x3 / 1 average pool, padding 1, padding excluded from the mean.
-pub(crate) fn avg_pool(x: &Act) -> Act {
+pub(crate) fn avg_pool<'a>(x: impl Into<View<'a>>) -> Act {
+    let x: View = x.into();
     let mut y = Act::zeros(x.n, x.h, x.w, x.c);
-    let (h, w, c) = (x.h, x.w, x.c);
+    let (h, w, c, xs) = (x.h, x.w, x.c, x.rows());
     y.data.par_chunks_mut(c).enumerate().for_each(|(r, out)| {
         let (b, oy, ox) = (r / (h * w), (r / w) % h, r % w);
         let (y0, y1, x0, x1) = (oy.saturating_sub(1), (oy + 1).min(h - 1), ox.saturating_sub(1), (ox + 1).min(w - 1));
         for iy in y0..=y1 {
             for ix in x0..=x1 {
-                let src = ((b * h + iy) * w + ix) * c;
-                for (o, v) in out.iter_mut().zip(&x.data[src..src + c]) {
+                let src = ((b * h + iy) * w + ix) * x.ld;
+                for (o, v) in out.iter_mut().zip(&xs[src..src + c]) {
                     *o += v;
                 }
             }
@@ -435,11 +490,12 @@ impl Branch {
         (total, (h, w, c))
     }
 
-    fn run_into(&self, x: &Act, dst: &mut [f32], ld: usize, off: usize) {
+    /// Run on `x` (a slice of the merged 1x1's output is read in place).
+    fn run_into(&self, x: View, dst: &mut [f32], ld: usize, off: usize) {
         let last = if self.tails.is_empty() { self.ops.len() - 1 } else { self.ops.len() };
         let mut tmp: Option<Act> = None;
         for op in &self.ops[..last] {
-            let input = tmp.as_ref().unwrap_or(x);
+            let input = tmp.as_ref().map_or(x, Act::view);
             tmp = Some(match op {
                 Op::Conv(conv) => conv.run(input),
                 Op::AvgPool => avg_pool(input),
@@ -451,7 +507,7 @@ impl Branch {
                 }
             });
         }
-        let input = tmp.as_ref().unwrap_or(x);
+        let input = tmp.as_ref().map_or(x, Act::view);
         if self.tails.is_empty() {
             match &self.ops[last] {
                 Op::Conv(conv) => conv.run_into(input, dst, ld, off, StoreMode::Store { relu: conv.relu }),
@@ -533,13 +589,6 @@ fn merge_leading_1x1(branches: &mut [Branch]) -> Option<Merged1x1> {
     Some(Merged1x1 { conv, slots })
 }
 
-/// Channels `[off, off + c)` of `a` as a contiguous activation.
-fn channels(a: &Act, off: usize, c: usize) -> Act {
-    let mut y = Act::zeros(a.n, a.h, a.w, c);
-    y.data.par_chunks_mut(c).zip(a.data.par_chunks(a.c)).for_each(|(d, s)| d.copy_from_slice(&s[off..off + c]));
-    y
-}
-
 impl Block {
     /// Branches concatenated.
     pub fn plain(branches: Vec<Branch>) -> Self {
@@ -573,8 +622,8 @@ impl Block {
 
     fn run(&self, x: Act) -> Act {
         let merged_out = self.merged.as_ref().map(|m| m.conv.run(&x));
-        let inputs: Vec<Option<Act>> = match (&self.merged, &merged_out) {
-            (Some(m), Some(h)) => m.slots.iter().map(|s| s.map(|(o, c)| channels(h, o, c))).collect(),
+        let inputs: Vec<Option<View>> = match (&self.merged, &merged_out) {
+            (Some(m), Some(h)) => m.slots.iter().map(|s| s.map(|(o, c)| h.slice(o, c))).collect(),
             _ => vec![None; self.branches.len()],
         };
         let shapes: Vec<_> = self
@@ -582,7 +631,7 @@ impl Block {
             .iter()
             .zip(&inputs)
             .map(|(b, i)| {
-                let src = i.as_ref().unwrap_or(&x);
+                let src = i.unwrap_or(x.view());
                 b.out_shape(src.h, src.w, src.c)
             })
             .collect();
@@ -594,13 +643,13 @@ impl Block {
             match input {
                 // a branch that was only its 1x1: copy the slice into place
                 Some(i) if b.ops.is_empty() && b.tails.is_empty() => {
-                    let c = s.2;
-                    out.data.par_chunks_mut(ctot).zip(i.data.par_chunks(c)).for_each(|(d, src)| {
-                        d[off..off + c].copy_from_slice(src);
+                    let (c, c0) = (s.2, i.c0);
+                    out.data.par_chunks_mut(ctot).zip(i.data.par_chunks(i.ld)).for_each(|(d, src)| {
+                        d[off..off + c].copy_from_slice(&src[c0..c0 + c]);
                     });
                 }
-                Some(i) => b.run_into(i, &mut out.data, ctot, off),
-                None => b.run_into(&x, &mut out.data, ctot, off),
+                Some(i) => b.run_into(*i, &mut out.data, ctot, off),
+                None => b.run_into(x.view(), &mut out.data, ctot, off),
             }
             off += s.2;
         }

@@ -29,7 +29,7 @@ use safetensors::Dtype;
 use safetensors::tensor::TensorView;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{Act, Dense, Engine, Int8Tables};
+use crate::engine::{Act, Dense, Engine, Int8Tables, View};
 use crate::error::{Error, Result};
 
 /// Metadata key of a quantized file.
@@ -166,19 +166,19 @@ impl ActStats {
     }
 }
 
-/// `x` (`[pixels, c]` f32) as `[pixels, c4]` u8: `clamp(round(x / scale) + zero, 0, 255)`
-/// (round half to even), channels `c..c4` zero (their weights are zero).
-pub fn quantize_u8(x: &[f32], c: usize, c4: usize, scale: f32, zero: u8) -> Vec<u8> {
-    let (inv, z) = (1.0 / scale, zero as f32);
-    let pixels = x.len() / c.max(1);
+/// The viewed channels of `x` (`c` a pixel) as `[pixels, c4]` u8: `clamp(round(x / scale) +
+/// zero, 0, 255)` (round half to even), channels `c..c4` zero (their weights are zero).
+pub(crate) fn quantize_u8(x: &View, c4: usize, scale: f32, zero: u8) -> Vec<u8> {
+    let (inv, z, c, ld) = (1.0 / scale, zero as f32, x.c, x.ld);
+    let pixels = x.n * x.h * x.w;
     let mut q = vec![0u8; pixels * c4];
     let rows = (1usize << 15).div_ceil(c4);
-    q.par_chunks_mut(c4 * rows).zip(x.par_chunks(c * rows)).for_each(|(dst, src)| {
-        if c == c4 {
+    q.par_chunks_mut(c4 * rows).zip(x.data.par_chunks(ld * rows)).for_each(|(dst, src)| {
+        if c == c4 && ld == c {
             crate::sgemm::quantize_u8(src, dst, inv, z);
         } else {
-            for (d, s) in dst.chunks_exact_mut(c4).zip(src.chunks_exact(c)) {
-                crate::sgemm::quantize_u8(s, &mut d[..c], inv, z);
+            for (d, s) in dst.chunks_exact_mut(c4).zip(src.chunks_exact(ld)) {
+                crate::sgemm::quantize_u8(&s[x.c0..x.c0 + c], &mut d[..c], inv, z);
             }
         }
     });

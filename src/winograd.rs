@@ -20,7 +20,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use crate::engine::{Act, StoreMode};
+use crate::engine::{Act, StoreMode, View};
 use crate::sgemm::{self, Epilogue, PackedB, Rows};
 
 /// Channels transformed at once (one or two vector registers of lanes).
@@ -248,7 +248,16 @@ impl Winograd {
     }
 
     /// Run on `x`, writing channels `[off, off + cout)` of `dst` (row stride `ld`).
-    pub(crate) fn run_into(&self, x: &Act, dst: &mut [f32], ld: usize, off: usize, bias: &[f32], mode: StoreMode) {
+    pub(crate) fn run_into<'a>(
+        &self,
+        x: impl Into<View<'a>>,
+        dst: &mut [f32],
+        ld: usize,
+        off: usize,
+        bias: &[f32],
+        mode: StoreMode,
+    ) {
+        let x: View = x.into();
         assert_eq!(x.c, self.cin, "input channels");
         let [kh, kw] = self.kernel;
         let (oh, ow) = (x.h + 2 * self.pad[0] + 1 - kh, x.w + 2 * self.pad[1] + 1 - kw);
@@ -281,7 +290,7 @@ impl Winograd {
                 v.resize(np * nt * self.cin, 0.0);
                 m.resize(np * nt * self.cout, 0.0);
                 let tiles = Tiles { geo: &geo, t0, t1 };
-                self.input(&x.data, &tiles, v);
+                self.input(x.rows(), x.ld, &tiles, v);
                 sgemm::serial(|| {
                     for (t, u) in self.u.iter().enumerate() {
                         let a = Rows::Dense { data: &v[t * nt * self.cin..][..nt * self.cin], ld: self.cin };
@@ -353,12 +362,13 @@ impl Tiles<'_> {
         self.t1 - self.t0
     }
 
-    /// `len` channels from `c0` of input pixel `(b, iy, ix)` into `d` (zeros outside).
+    /// `len` channels from `c0` of input pixel `(b, iy, ix)` (pixels `ld` apart) into `d`
+    /// (zeros outside).
     #[inline(always)]
-    fn read(&self, x: &[f32], cin: usize, (b, iy, ix): (usize, isize, isize), c0: usize, d: &mut Lanes) {
+    fn read(&self, x: &[f32], (ld, cin): (usize, usize), (b, iy, ix): (usize, isize, isize), c0: usize, d: &mut Lanes) {
         let (g, len) = (self.geo, CB.min(cin - c0));
         if iy >= 0 && ix >= 0 && iy < g.h as isize && ix < g.w as isize {
-            let src = ((b * g.h + iy as usize) * g.w + ix as usize) * cin + c0;
+            let src = ((b * g.h + iy as usize) * g.w + ix as usize) * ld + c0;
             d[..len].copy_from_slice(&x[src..src + len]);
         } else {
             *d = [0.0; CB];
@@ -447,25 +457,26 @@ fn apply(mat: &[f32], d: &[Lanes], o: &mut [Lanes]) {
 }
 
 impl Winograd {
-    /// The input transform of a chunk: `V[t][tile][c]`, `CB` channels at a time.
-    fn input(&self, x: &[f32], tiles: &Tiles, v: &mut [f32]) {
+    /// The input transform of a chunk: `V[t][tile][c]`, `CB` channels at a time (input pixels
+    /// `ld` apart).
+    fn input(&self, x: &[f32], ld: usize, tiles: &Tiles, v: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if sgemm::has_avx2_fma() {
             // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { self.input_avx2(x, tiles, v) };
+            return unsafe { self.input_avx2(x, ld, tiles, v) };
         }
-        self.input_body(x, tiles, v)
+        self.input_body(x, ld, tiles, v)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn input_avx2(&self, x: &[f32], tiles: &Tiles, v: &mut [f32]) {
-        self.input_body(x, tiles, v)
+    unsafe fn input_avx2(&self, x: &[f32], ld: usize, tiles: &Tiles, v: &mut [f32]) {
+        self.input_body(x, ld, tiles, v)
     }
 
     #[inline(always)]
     #[allow(clippy::needless_range_loop)] // the loop index picks a column of `r`
-    fn input_body(&self, x: &[f32], tiles: &Tiles, v: &mut [f32]) {
+    fn input_body(&self, x: &[f32], ld: usize, tiles: &Tiles, v: &mut [f32]) {
         let (cin, nt, [ph, pw]) = (self.cin, tiles.len(), self.pad.map(|p| p as isize));
         // tile `i`, product `t`, channels from `c0`
         let mut put = |t: usize, i: usize, c0: usize, lanes: &Lanes| {
@@ -483,7 +494,7 @@ impl Winograd {
                         for (dy, ry) in r.iter_mut().enumerate() {
                             let mut d = [[0.0; CB]; 6];
                             for (dx, dd) in d.iter_mut().enumerate() {
-                                tiles.read(x, cin, (b, y0 + dy as isize, x0 + dx as isize), c0, dd);
+                                tiles.read(x, (ld, cin), (b, y0 + dy as isize, x0 + dx as isize), c0, dd);
                             }
                             *ry = bt(&d);
                         }
@@ -498,7 +509,7 @@ impl Winograd {
                         let mut d = [[0.0; CB]; 16];
                         for (k, dk) in d[..*n].iter_mut().enumerate() {
                             let p = if *along_w { (b, y0, x0 + k as isize) } else { (b, y0 + k as isize, x0) };
-                            tiles.read(x, cin, p, c0, dk);
+                            tiles.read(x, (ld, cin), p, c0, dk);
                         }
                         let mut o = [[0.0; CB]; 16];
                         apply(bt, &d[..*n], &mut o[..*n]);

@@ -731,7 +731,7 @@ fn op_forward(
         Op::Conv(conv) => OpTape::Conv(conv.forward(slots, x, buf, ld, off, momentum)),
         Op::MaxPool => OpTape::Max(max_pool_fwd(&x, buf, ld, off)),
         Op::AvgPool => {
-            let y = avg_pool(&x);
+            let y = avg_pool(&*x);
             buf.par_chunks_mut(ld).zip(y.data.par_chunks(c)).for_each(|(d, s)| d[off..off + c].copy_from_slice(s));
             OpTape::Avg
         }
