@@ -104,15 +104,19 @@ impl<'a> From<&'a Act> for View<'a> {
 }
 
 impl View<'_> {
-    /// The viewed channels as a contiguous activation (a copy unless they are all of it).
+    /// The viewed channels as a contiguous activation (a copy).
     pub(crate) fn to_act(self) -> Act {
         let mut y = Act::zeros(self.n, self.h, self.w, self.c);
-        let (c0, c) = (self.c0, self.c);
-        y.data
-            .par_chunks_mut(c)
-            .zip(self.data.par_chunks(self.ld))
-            .for_each(|(d, s)| d.copy_from_slice(&s[c0..c0 + c]));
+        self.copy_into(&mut y.data, self.c, 0);
         y
+    }
+
+    /// The viewed channels copied into channels `[off, off + c)` of `dst` (row stride `ld`).
+    pub(crate) fn copy_into(self, dst: &mut [f32], ld: usize, off: usize) {
+        let (c0, c) = (self.c0, self.c);
+        dst.par_chunks_mut(ld)
+            .zip(self.data.par_chunks(self.ld))
+            .for_each(|(d, s)| d[off..off + c].copy_from_slice(&s[c0..c0 + c]));
     }
 
     /// The viewed channels starting at pixel 0 (pixel `p` at `p * ld`).
@@ -642,12 +646,7 @@ impl Block {
         for ((b, s), input) in self.branches.iter().zip(&shapes).zip(&inputs) {
             match input {
                 // a branch that was only its 1x1: copy the slice into place
-                Some(i) if b.ops.is_empty() && b.tails.is_empty() => {
-                    let (c, c0) = (s.2, i.c0);
-                    out.data.par_chunks_mut(ctot).zip(i.data.par_chunks(i.ld)).for_each(|(d, src)| {
-                        d[off..off + c].copy_from_slice(&src[c0..c0 + c]);
-                    });
-                }
+                Some(i) if b.ops.is_empty() && b.tails.is_empty() => i.copy_into(&mut out.data, ctot, off),
                 Some(i) => b.run_into(*i, &mut out.data, ctot, off),
                 None => b.run_into(x.view(), &mut out.data, ctot, off),
             }
