@@ -529,9 +529,11 @@ impl<'a, T: Elem> Rows<'a, T> {
         }
     }
 
-    /// f32 inputs whose taps are too short to stream directly (fewer than 16 channels).
+    /// Inputs whose taps are too short to stream directly (fewer than 16 k-steps: the RGB
+    /// stem, and for u8 the 32- and 48-channel 3x3 convolutions), as the kernel restarts its
+    /// loop for every segment.
     fn needs_gather(&self) -> bool {
-        T::STEP == 1 && matches!(self, Rows::Conv { cin, .. } if *cin < 16)
+        matches!(self, Rows::Conv { cin, .. } if *cin < 16 * T::STEP)
     }
 
     /// Panics unless `m` rows of `k` columns are inside the data.
@@ -942,12 +944,14 @@ mod tests {
     #[test]
     fn int8_kernels_are_exact_and_agree() {
         // (m, cin, h, w, kh, kw, stride, pad, n): dense 1x1s and padded / strided convolutions,
-        // one with k (3 * 3 * 96 = 864) over a k-block
+        // one with k (3 * 3 * 96 = 864) over a k-block; the ones under 64 channels gathered, one
+        // of them (7 * 7 * 48 = 2352) over two int8 k-blocks
         for (m_img, cin, h, w, kh, kw, s, pad, n) in [
             (2, 64, 5, 7, 1, 1, 1, [0, 0], 100),
             (1, 8, 9, 9, 3, 3, 1, [1, 1], 33),
             (2, 96, 7, 6, 3, 3, 2, [0, 0], 70),
             (1, 12, 8, 6, 1, 7, 1, [0, 3], 16),
+            (1, 48, 9, 8, 7, 7, 1, [3, 3], 40),
         ] {
             let (oh, ow) = ((h + 2 * pad[0] - kh) / s + 1, (w + 2 * pad[1] - kw) / s + 1);
             let m = m_img * oh * ow;
