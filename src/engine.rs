@@ -814,57 +814,61 @@ impl Engine {
         self.trunk(x, None)
     }
 
-    /// The blocks in turn. Blocks on maps larger than `PER_IMAGE_PX` (the stem) run one image
-    /// at a time when batched: a whole batch of 147 x 147 maps is far larger than the caches.
-    fn trunk(&self, mut x: Act, mut tap: Option<&mut Tap<'_>>) -> Act {
-        const PER_IMAGE_PX: usize = 40 * 40;
-        let stage_of = |i: usize| self.stage_ends.iter().position(|&e| e == i);
-        // Run the whole pass on a pool worker: each GEMM's tasks are then pushed to the local
-        // queue instead of being injected from outside and waited for with a sleep/wake.
-        rayon::scope(|_| {
-            let mut i = 0;
-            if x.n > 1 && x.h * x.w > PER_IMAGE_PX {
-                let per = x.h * x.w * x.c;
-                let mut outs: Vec<Vec<Act>> = Vec::new();
-                let mut end = 0;
-                for img in x.data.chunks(per) {
-                    let mut y = Act { n: 1, h: x.h, w: x.w, c: x.c, data: img.to_vec() };
-                    let mut taps = Vec::new();
-                    let mut j = 0;
-                    while j < self.blocks.len() && y.h * y.w > PER_IMAGE_PX {
-                        y = self.blocks[j].run(y);
-                        if tap.is_some() && stage_of(j).is_some() {
-                            taps.push(y.clone());
-                        }
-                        j += 1;
-                    }
-                    taps.push(y);
-                    outs.push(taps);
-                    end = j;
-                }
-                // the batch again, stage by stage: images are the outermost NHWC dimension
-                let join = |k: usize, outs: &[Vec<Act>]| {
-                    let a = &outs[0][k];
-                    let mut data = Vec::with_capacity(a.data.len() * outs.len());
-                    outs.iter().for_each(|o| data.extend_from_slice(&o[k].data));
-                    Act { n: outs.len(), data, ..a.clone_shape() }
-                };
-                if let Some(t) = tap.as_mut() {
-                    for (k, s) in (0..end).filter_map(stage_of).enumerate() {
-                        t(s, &join(k, &outs));
-                    }
-                }
-                x = join(outs[0].len() - 1, &outs);
-                i = end;
+    /// The blocks in turn, image by image when batched: one image's activations (at most
+    /// ~1.5 MiB past the stem) stay in the caches, a batch's (8 x) do not, and nothing in the
+    /// network gains from a taller GEMM as much as it loses to the memory traffic (BENCHMARKS.md,
+    /// 2026-12-02 fourth session). Whole rounds of images run one per thread, each pass with
+    /// serial GEMMs (no synchronisation inside the pass); the remainder with parallel GEMMs. Each
+    /// image's result is the same as alone (a GEMM's sums do not depend on its task split).
+    fn trunk(&self, x: Act, tap: Option<&mut Tap<'_>>) -> Act {
+        let keep = tap.is_some();
+        // Run on a pool worker: each GEMM's tasks are then pushed to the local queue instead of
+        // being injected from outside and waited for with a sleep/wake.
+        let outs: Vec<(Act, Vec<Act>)> = rayon::scope(|_| {
+            if x.n == 1 {
+                return vec![self.blocks_on(x, keep)];
             }
-            for (j, b) in self.blocks.iter().enumerate().skip(i) {
-                x = b.run(x);
-                if let (Some(t), Some(s)) = (tap.as_mut(), stage_of(j)) {
-                    t(s, &x);
+            let per = x.h * x.w * x.c;
+            let image = |i: usize| Act { n: 1, data: x.data[i * per..(i + 1) * per].to_vec(), ..x.clone_shape() };
+            let threads = rayon::current_num_threads().max(1);
+            let rounds = if threads > 1 { x.n / threads * threads } else { 0 };
+            let mut outs: Vec<_> =
+                (0..rounds).into_par_iter().map(|i| sgemm::serial(|| self.blocks_on(image(i), keep))).collect();
+            outs.extend((rounds..x.n).map(|i| self.blocks_on(image(i), keep)));
+            outs
+        });
+        // the batch again, stage by stage: images are the outermost NHWC dimension
+        let join = |pick: &dyn Fn(&(Act, Vec<Act>)) -> &Act| {
+            let a = pick(&outs[0]);
+            let mut data = Vec::with_capacity(a.data.len() * outs.len());
+            outs.iter().for_each(|o| data.extend_from_slice(&pick(o).data));
+            Act { n: outs.len(), data, ..a.clone_shape() }
+        };
+        if let Some(t) = tap {
+            // stage `s`'s output is the `s`-th kept (`stage_ends` is in block order)
+            for s in 0..outs[0].1.len() {
+                match outs.len() {
+                    1 => t(s, &outs[0].1[s]),
+                    _ => t(s, &join(&|o| &o.1[s])),
                 }
             }
-            x
-        })
+        }
+        if outs.len() == 1 {
+            return outs.into_iter().next().map(|o| o.0).expect("one image");
+        }
+        join(&|o| &o.0)
+    }
+
+    /// Every block on one image; with `keep`, a copy of each `feature_info` stage's output.
+    fn blocks_on(&self, mut x: Act, keep: bool) -> (Act, Vec<Act>) {
+        let mut taps = Vec::new();
+        for (j, b) in self.blocks.iter().enumerate() {
+            x = b.run(x);
+            if keep && self.stage_ends.contains(&j) {
+                taps.push(x.clone());
+            }
+        }
+        (x, taps)
     }
 
     /// Global average pool (+ facenet bottleneck): `[n, d]` row-major and `d`.

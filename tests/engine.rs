@@ -75,3 +75,24 @@ fn fast_engine_matches_burn_at_other_widths_and_without_shortcuts() {
         75,
     );
 }
+
+#[test]
+fn fast_engine_batch_rows_equal_each_image_alone() {
+    // a batch runs image by image (whole rounds one per thread, the rest with parallel GEMMs):
+    // every row is bit-identical to the image run alone, stage maps included
+    let device = Device::flex();
+    let cfg = ModelConfig { width: 0.3, ..ModelConfig::new(ModelKind::InceptionResnetV2, 3) };
+    let fast = Predictor::new(common::deterministic(Model::new(&cfg, &device)), EngineKind::Fast, &device);
+    let (n, s) = (5, 75);
+    let per = 3 * s * s;
+    let x: Vec<f32> = common::det_uniform("engine.batch", n * per).iter().map(|v| (v * 2.0 - 1.0) as f32).collect();
+    let all = fast.run(&x, [n, 3, s, s], true);
+    for i in 0..n {
+        let one = fast.run(&x[i * per..(i + 1) * per], [1, 3, s, s], true);
+        let pairs = one.stages.iter().zip(&all.stages).chain([(&one.logits, &all.logits)]);
+        for (k, (a, b)) in pairs.enumerate() {
+            let len = a.data.len();
+            assert_eq!(a.data, b.data[i * len..(i + 1) * len], "image {i} output {k}");
+        }
+    }
+}
