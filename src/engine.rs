@@ -707,6 +707,9 @@ impl Dense {
     }
 }
 
+/// One image's pass: the trunk's output and the kept stage outputs.
+type Pass = (Act, Vec<Act>);
+
 /// Called with each `feature_info` stage's output.
 pub type Tap<'a> = dyn FnMut(usize, &Act) + Send + 'a;
 
@@ -824,7 +827,7 @@ impl Engine {
         let keep = tap.is_some();
         // Run on a pool worker: each GEMM's tasks are then pushed to the local queue instead of
         // being injected from outside and waited for with a sleep/wake.
-        let outs: Vec<(Act, Vec<Act>)> = rayon::scope(|_| {
+        let outs: Vec<Pass> = rayon::scope(|_| {
             if x.n == 1 {
                 return vec![self.blocks_on(x, keep)];
             }
@@ -838,7 +841,7 @@ impl Engine {
             outs
         });
         // the batch again, stage by stage: images are the outermost NHWC dimension
-        let join = |pick: &dyn Fn(&(Act, Vec<Act>)) -> &Act| {
+        let join = |pick: &dyn Fn(&Pass) -> &Act| {
             let a = pick(&outs[0]);
             let mut data = Vec::with_capacity(a.data.len() * outs.len());
             outs.iter().for_each(|o| data.extend_from_slice(&pick(o).data));
@@ -860,7 +863,7 @@ impl Engine {
     }
 
     /// Every block on one image; with `keep`, a copy of each `feature_info` stage's output.
-    fn blocks_on(&self, mut x: Act, keep: bool) -> (Act, Vec<Act>) {
+    fn blocks_on(&self, mut x: Act, keep: bool) -> Pass {
         let mut taps = Vec::new();
         for (j, b) in self.blocks.iter().enumerate() {
             x = b.run(x);
