@@ -369,7 +369,8 @@ impl Tiles<'_> {
         let (g, len) = (self.geo, CB.min(cin - c0));
         if iy >= 0 && ix >= 0 && iy < g.h as isize && ix < g.w as isize {
             let src = ((b * g.h + iy as usize) * g.w + ix as usize) * ld + c0;
-            d[..len].copy_from_slice(&x[src..src + len]);
+            // whole lanes by constant length: vector moves, not a `memmove` call
+            if len == CB { d.copy_from_slice(&x[src..src + CB]) } else { d[..len].copy_from_slice(&x[src..src + len]) }
         } else {
             *d = [0.0; CB];
         }
@@ -399,12 +400,19 @@ impl Store<'_> {
         };
         // SAFETY: the caller's promise.
         let dst = unsafe { std::slice::from_raw_parts_mut(self.out.0.add(row * self.ld + self.off + c0), len) };
-        for ((d, y), b) in dst.iter_mut().zip(y).zip(&self.bias[c0..c0 + len]) {
-            let mut v = alpha * (y + b);
-            if load {
-                v += *d;
+        let put = |d: &mut [f32], y: &[f32], b: &[f32]| {
+            for ((d, y), b) in d.iter_mut().zip(y).zip(b) {
+                let mut v = alpha * (y + b);
+                if load {
+                    v += *d;
+                }
+                *d = if relu { v.max(0.0) } else { v };
             }
-            *d = if relu { v.max(0.0) } else { v };
+        };
+        // whole lanes by constant length (one vector a step)
+        match <&mut [f32; CB]>::try_from(&mut *dst) {
+            Ok(d) => put(d, y, &self.bias[c0..c0 + CB]),
+            Err(_) => put(dst, y, &self.bias[c0..c0 + len]),
         }
     }
 }
@@ -461,10 +469,19 @@ impl Winograd {
     /// `ld` apart).
     fn input(&self, x: &[f32], ld: usize, tiles: &Tiles, v: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if sgemm::has_avx2_fma() {
+        match sgemm::Isa::detect() {
+            // SAFETY: the CPU has AVX-512F.
+            sgemm::Isa::Avx512 => return unsafe { self.input_avx512(x, ld, tiles, v) },
             // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { self.input_avx2(x, ld, tiles, v) };
+            sgemm::Isa::Avx2 => return unsafe { self.input_avx2(x, ld, tiles, v) },
+            sgemm::Isa::Portable => {}
         }
+        self.input_body(x, ld, tiles, v)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn input_avx512(&self, x: &[f32], ld: usize, tiles: &Tiles, v: &mut [f32]) {
         self.input_body(x, ld, tiles, v)
     }
 
@@ -482,7 +499,11 @@ impl Winograd {
         let mut put = |t: usize, i: usize, c0: usize, lanes: &Lanes| {
             let len = CB.min(cin - c0);
             let dst = (t * nt + i) * cin + c0;
-            v[dst..dst + len].copy_from_slice(&lanes[..len]);
+            if len == CB {
+                v[dst..dst + CB].copy_from_slice(lanes)
+            } else {
+                v[dst..dst + len].copy_from_slice(&lanes[..len])
+            }
         };
         for (i, b, oy, ox) in tiles.iter() {
             let (y0, x0) = (oy as isize - ph, ox as isize - pw);
@@ -528,10 +549,20 @@ impl Winograd {
     /// The output rows of the chunk's tiles are inside the output and written by nobody else.
     unsafe fn output(&self, m: &[f32], tiles: &Tiles, store: &Store) {
         #[cfg(target_arch = "x86_64")]
-        if sgemm::has_avx2_fma() {
+        match sgemm::Isa::detect() {
+            // SAFETY: the CPU has AVX-512F; the rest is the caller's promise.
+            sgemm::Isa::Avx512 => return unsafe { self.output_avx512(m, tiles, store) },
             // SAFETY: the CPU has AVX2 and FMA; the rest is the caller's promise.
-            return unsafe { self.output_avx2(m, tiles, store) };
+            sgemm::Isa::Avx2 => return unsafe { self.output_avx2(m, tiles, store) },
+            sgemm::Isa::Portable => {}
         }
+        // SAFETY: the caller's promise.
+        unsafe { self.output_body(m, tiles, store) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn output_avx512(&self, m: &[f32], tiles: &Tiles, store: &Store) {
         // SAFETY: the caller's promise.
         unsafe { self.output_body(m, tiles, store) }
     }
@@ -551,7 +582,11 @@ impl Winograd {
             let len = CB.min(cout - c0);
             let src = (t * nt + i) * cout + c0;
             let mut l = [0.0; CB];
-            l[..len].copy_from_slice(&m[src..src + len]);
+            if len == CB {
+                l.copy_from_slice(&m[src..src + CB])
+            } else {
+                l[..len].copy_from_slice(&m[src..src + len])
+            }
             l
         };
         for (i, b, oy, ox) in tiles.iter() {
