@@ -235,7 +235,12 @@ pub fn quantize_engine(
         .collect();
     let mut seen = 0;
     for x in batches {
-        engine.forward_features(x);
+        // one image at a time, in order: a batch's images run in parallel passes, and the
+        // statistics (a histogram whose range grows) depend on the order they are seen in
+        let per = x.h * x.w * x.c;
+        for img in x.data.chunks_exact(per.max(1)) {
+            engine.forward_features(Act { n: 1, data: img.to_vec(), ..x });
+        }
         seen += 1;
         on_batch();
     }
