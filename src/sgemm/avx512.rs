@@ -219,12 +219,12 @@ unsafe fn q8_kernel<const NP: usize>(
 }
 
 /// The epilogue of one tile.
-struct Store<'a, 'b> {
-    c: *mut f32,
-    ldc: usize,
-    rows: usize,
-    cols: usize,
-    e: &'a TileEpi<'b>,
+pub(super) struct Store<'a, 'b> {
+    pub(super) c: *mut f32,
+    pub(super) ldc: usize,
+    pub(super) rows: usize,
+    pub(super) cols: usize,
+    pub(super) e: &'a TileEpi<'b>,
 }
 
 impl Store<'_, '_> {
@@ -279,7 +279,7 @@ impl Store<'_, '_> {
     /// AVX-512F available; row `i` of the tile is inside C.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn row<const NP: usize>(&self, acc: [__m512; NP], i: usize) {
+    pub(super) unsafe fn row<const NP: usize>(&self, acc: [__m512; NP], i: usize) {
         let alpha = _mm512_set1_ps(self.e.alpha);
         for (q, v) in acc.into_iter().enumerate() {
             let valid = self.cols.saturating_sub(16 * q).min(16);

@@ -21,6 +21,8 @@ use rayon::prelude::*;
 use std::cell::RefCell;
 
 #[cfg(target_arch = "x86_64")]
+mod amx;
+#[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
@@ -314,25 +316,29 @@ impl Isa {
     }
 }
 
-/// The int8 kernel: AVX512-VNNI (`vpdpbusd`), AVX2 (`vpmaddubsw`, weights narrowed by
-/// [`narrow`]) or portable.
+/// The int8 kernel: AMX (`tdpbusd` on 16 x 16 tiles), AVX512-VNNI (`vpdpbusd`), AVX2
+/// (`vpmaddubsw`, weights narrowed by [`narrow`]) or portable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum QIsa {
     Portable,
     Avx2,
     Avx512Vnni,
+    Amx,
 }
 
 impl QIsa {
-    /// The best int8 kernel of this CPU within [`Isa::detect`]'s choice.
+    /// The best int8 kernel of this CPU within [`Isa::detect`]'s choice (`INCEPTION_ISA=avx512`
+    /// stops at VNNI, below AMX).
     pub fn detect() -> QIsa {
         static ISA: std::sync::OnceLock<QIsa> = std::sync::OnceLock::new();
         *ISA.get_or_init(|| {
             let avail = QIsa::available();
+            let asked = std::env::var("INCEPTION_ISA").ok();
             let best = match Isa::detect() {
                 Isa::Portable => QIsa::Portable,
                 Isa::Avx2 => QIsa::Avx2,
-                Isa::Avx512 => QIsa::Avx512Vnni,
+                Isa::Avx512 if asked.as_deref() == Some("avx512") => QIsa::Avx512Vnni,
+                Isa::Avx512 => QIsa::Amx,
             };
             *avail.iter().rev().find(|q| **q <= best).unwrap_or(&QIsa::Portable)
         })
@@ -351,6 +357,9 @@ impl QIsa {
                 && std::arch::is_x86_feature_detected!("avx512vnni")
             {
                 v.push(QIsa::Avx512Vnni);
+            }
+            if amx::available() {
+                v.push(QIsa::Amx);
             }
         }
         v
@@ -488,14 +497,15 @@ impl<'a, T: Elem> Rows<'a, T> {
         }
     }
 
-    /// Rows `[r0, r1)`, columns `[k0, k0 + kc)` copied row-major into `out` (row stride `kc`).
-    fn gather(&self, r0: usize, r1: usize, k0: usize, kc: usize, out: &mut [T]) {
+    /// Rows `[r0, r1)`, columns `[k0, k0 + kc)` copied row-major into `out` (row stride `ldo`
+    /// >= `kc`; the columns past `kc` are left as they are).
+    fn gather(&self, r0: usize, r1: usize, k0: usize, kc: usize, out: &mut [T], ldo: usize) {
         if let Rows::Conv { data, ld, c0: 0, cin, hw: [h, w], k: [_, kw], .. } = *self
             && ld == cin
         {
             // the input's channels are dense, so the taps `kx..kw` of one kernel row are one
             // contiguous run of the input row: copy runs, not taps
-            for (r, row) in (r0..r1).zip(out.chunks_exact_mut(kc)) {
+            for (r, row) in (r0..r1).zip(out.chunks_mut(ldo)) {
                 let (b, y0, x0) = self.origin(r);
                 let mut kk = 0;
                 while kk < kc {
@@ -519,7 +529,7 @@ impl<'a, T: Elem> Rows<'a, T> {
             }
             return;
         }
-        for (r, row) in (r0..r1).zip(out.chunks_exact_mut(kc)) {
+        for (r, row) in (r0..r1).zip(out.chunks_mut(ldo)) {
             let mut kk = 0;
             while kk < kc {
                 let (src, run) = self.segment(r, k0 + kk, kc - kk);
@@ -677,7 +687,7 @@ pub fn im2col<'a>(a: &'a Rows<'a>, m: usize, k: usize) -> impl Fn(usize, &mut [f
     a.check(m, k);
     move |r, out| {
         assert!(r < m && out.len() == k, "im2col: row {r} of {m}");
-        a.gather(r, r + 1, 0, k, out);
+        a.gather(r, r + 1, 0, k, out, k);
     }
 }
 
@@ -704,6 +714,16 @@ pub fn qgemm(
         QIsa::Avx2 => drive(avx2::Q8::<false>, m, a, &b.p, s, c, ldc, c0, epi),
         #[cfg(target_arch = "x86_64")]
         QIsa::Avx512Vnni => drive(avx512::Q8, m, a, &b.p, s, c, ldc, c0, epi),
+        #[cfg(target_arch = "x86_64")]
+        QIsa::Amx => {
+            if checked(m, &a, &b.p, c, ldc, c0, &epi) {
+                let t0 = profiling().then(std::time::Instant::now);
+                // SAFETY: the kernel is one of the CPU's (`b.isa` came from
+                // `QIsa::available`); the shapes are checked above.
+                unsafe { amx::qgemm(m, a, &b.p, col_scale, c, ldc, c0, epi) };
+                report(t0, m, b.k(), b.n(), &a, true);
+            }
+        }
         #[cfg(not(target_arch = "x86_64"))]
         _ => drive(portable::Q8, m, a, &b.p, s, c, ldc, c0, epi),
     }
@@ -724,40 +744,17 @@ fn drive<K: Kernel>(
 ) {
     let step = K::A::STEP;
     let (k, n) = (b.steps * step, b.n);
-    if m == 0 || n == 0 {
+    if !checked(m, &a, b, c, ldc, c0, &epi) {
         return;
     }
-    assert!(c0 + n <= ldc && c.len() >= (m - 1) * ldc + c0 + n, "output too small for the GEMM");
-    if let Some(bias) = epi.bias {
-        assert!(bias.len() >= n, "bias shorter than n");
-    }
-    a.check(m, k);
     let t0 = profiling().then(std::time::Instant::now);
     let kc = b.kc;
     let nkb = b.steps.div_ceil(kc);
-    let panels = n.div_ceil(NR);
-    // row tiles of equal size (a multiple of MR, at most MC)
-    let mc = m.div_ceil(m.div_ceil(MC)).next_multiple_of(MR);
-    let mtiles = m.div_ceil(mc);
-    let threads = if SERIAL.with(|s| s.get()) { 1 } else { rayon::current_num_threads().max(1) };
-    // with few row tiles, split the columns too, into a task count that spreads evenly
-    let nchunks = if mtiles >= 3 * threads {
-        1
-    } else {
-        let mut c = threads.div_ceil(mtiles);
-        while !(mtiles * c).is_multiple_of(threads) {
-            c += 1;
-        }
-        c.min(panels)
-    };
-    let per_chunk = panels.div_ceil(nchunks);
-    let nchunks = panels.div_ceil(per_chunk);
+    let plan = Plan::new(m, n.div_ceil(NR), MR, MC);
     let out = Out(c.as_mut_ptr());
     let lines = b.data.bytes();
     let task = |t: usize| {
-        let (mt, nc) = (t / nchunks, t % nchunks);
-        let (r0, r1) = (mt * mc, (mt * mc + mc).min(m));
-        let (p0, p1) = (nc * per_chunk, (nc * per_chunk + per_chunk).min(panels));
+        let ((r0, r1), (p0, p1)) = plan.task(t);
         SCRATCH.with(|scratch| {
             let scratch = &mut *scratch.borrow_mut();
             let strips = (r1 - r0).div_ceil(MR);
@@ -770,7 +767,7 @@ fn drive<K: Kernel>(
                 if a.needs_gather() {
                     let mut rows = std::mem::take(K::A::rows(scratch));
                     rows.resize((r1 - r0) * kce, K::A::default());
-                    a.gather(r0, r1, k0, kce, &mut rows);
+                    a.gather(r0, r1, k0, kce, &mut rows, kce);
                     let tile_rows: Rows<K::A> = Rows::Dense { data: &rows, ld: kce };
                     for st in 0..strips {
                         scratch.starts.push(scratch.segs.len());
@@ -784,19 +781,12 @@ fn drive<K: Kernel>(
                     }
                 }
                 scratch.starts.push(scratch.segs.len());
-                let first = kb == 0;
                 // panels [p, p + np) for strip st
                 let run = |(p, np): (usize, usize), st: usize| {
                     let line = b.slice(s0, kcb, p);
                     let bp = &lines[line * 64..][..np * kcb * 64];
                     let (j0, cols) = (p * NR, (np * NR).min(n - p * NR));
-                    let e = TileEpi {
-                        bias: if first { epi.bias.map(|v| &v[j0..j0 + cols]) } else { None },
-                        scale: scale.map(|v| &v[j0..j0 + cols]),
-                        alpha: epi.alpha,
-                        load: epi.load || !first,
-                        relu: epi.relu && kb == nkb - 1,
-                    };
+                    let e = TileEpi::of_block(&epi, scale, j0, cols, kb, nkb);
                     let rows = MR.min(r1 - r0 - st * MR);
                     let segs = &scratch.segs[scratch.starts[st]..scratch.starts[st + 1]];
                     // SAFETY: the kernel was chosen among the CPU's; the segments' pointers are
@@ -820,15 +810,100 @@ fn drive<K: Kernel>(
             }
         });
     };
-    if mtiles * nchunks == 1 || threads == 1 {
-        (0..mtiles * nchunks).for_each(task);
-    } else {
-        (0..mtiles * nchunks).into_par_iter().for_each(task);
+    plan.run(task);
+    report(t0, m, k, n, &a, scale.is_some());
+}
+
+/// Panics unless A, C and the bias fit the GEMM; false where it has nothing to compute.
+fn checked<T: Elem>(
+    m: usize,
+    a: &Rows<'_, T>,
+    b: &Panels,
+    c: &[f32],
+    ldc: usize,
+    c0: usize,
+    epi: &Epilogue<'_>,
+) -> bool {
+    let (k, n) = (b.steps * T::STEP, b.n);
+    if m == 0 || n == 0 {
+        return false;
     }
+    assert!(c0 + n <= ldc && c.len() >= (m - 1) * ldc + c0 + n, "output too small for the GEMM");
+    if let Some(bias) = epi.bias {
+        assert!(bias.len() >= n, "bias shorter than n");
+    }
+    a.check(m, k);
+    true
+}
+
+/// The `INCEPTION_PROFILE_GEMM` line of a GEMM started at `t0`.
+fn report<T>(t0: Option<std::time::Instant>, m: usize, k: usize, n: usize, a: &Rows<'_, T>, int8: bool) {
     if let Some(t0) = t0 {
-        let conv = matches!(a, Rows::Conv { .. });
-        let q = scale.is_some() as u8;
-        eprintln!("gemm m={m} k={k} n={n} conv={} int8={q} ms={:.4}", conv as u8, t0.elapsed().as_secs_f64() * 1e3);
+        let conv = matches!(a, Rows::Conv { .. }) as u8;
+        eprintln!("gemm m={m} k={k} n={n} conv={conv} int8={} ms={:.4}", int8 as u8, t0.elapsed().as_secs_f64() * 1e3);
+    }
+}
+
+/// A GEMM's tasks: row tiles of `mc` rows (equal, a multiple of the kernel's rows, at most
+/// `mc_max`), each cut into `nchunks` chunks of `per_chunk` column panels where there are too
+/// few row tiles to keep every thread busy.
+struct Plan {
+    m: usize,
+    panels: usize,
+    mc: usize,
+    per_chunk: usize,
+    nchunks: usize,
+    threads: usize,
+}
+
+impl Plan {
+    fn new(m: usize, panels: usize, mr: usize, mc_max: usize) -> Self {
+        let mc = m.div_ceil(m.div_ceil(mc_max)).next_multiple_of(mr);
+        let mtiles = m.div_ceil(mc);
+        let threads = if SERIAL.with(|s| s.get()) { 1 } else { rayon::current_num_threads().max(1) };
+        // with few row tiles, split the columns too, into a task count that spreads evenly
+        let nchunks = if mtiles >= 3 * threads {
+            1
+        } else {
+            let mut c = threads.div_ceil(mtiles);
+            while !(mtiles * c).is_multiple_of(threads) {
+                c += 1;
+            }
+            c.min(panels)
+        };
+        let per_chunk = panels.div_ceil(nchunks);
+        Self { m, panels, mc, per_chunk, nchunks: panels.div_ceil(per_chunk), threads }
+    }
+
+    /// Task `t`'s rows `[r0, r1)` and panels `[p0, p1)`.
+    fn task(&self, t: usize) -> ((usize, usize), (usize, usize)) {
+        let (mt, nc) = (t / self.nchunks, t % self.nchunks);
+        let (r0, p0) = (mt * self.mc, nc * self.per_chunk);
+        ((r0, (r0 + self.mc).min(self.m)), (p0, (p0 + self.per_chunk).min(self.panels)))
+    }
+
+    /// Every task, in parallel unless there is one task or one thread.
+    fn run(&self, task: impl Fn(usize) + Sync + Send) {
+        let tasks = self.m.div_ceil(self.mc) * self.nchunks;
+        if tasks == 1 || self.threads == 1 {
+            (0..tasks).for_each(task);
+        } else {
+            (0..tasks).into_par_iter().for_each(task);
+        }
+    }
+}
+
+impl<'a> TileEpi<'a> {
+    /// The epilogue of columns `[j0, j0 + cols)` in k-block `kb` of `nkb`: bias with the first
+    /// block, the blocks after it added to C, the activation after the last.
+    fn of_block(epi: &Epilogue<'a>, scale: Option<&'a [f32]>, j0: usize, cols: usize, kb: usize, nkb: usize) -> Self {
+        TileEpi {
+            bias: if kb == 0 { epi.bias.map(|v| &v[j0..j0 + cols]) } else { None },
+            scale: scale.map(|v| &v[j0..j0 + cols]),
+            alpha: epi.alpha,
+            load: epi.load || kb > 0,
+            relu: epi.relu && kb == nkb - 1,
+        }
     }
 }
 
@@ -952,6 +1027,9 @@ mod tests {
             (2, 96, 7, 6, 3, 3, 2, [0, 0], 70),
             (1, 12, 8, 6, 1, 7, 1, [0, 3], 16),
             (1, 48, 9, 8, 7, 7, 1, [3, 3], 40),
+            // AMX: whole 16-row tiles of a 1x1 loaded with their stride, and a 17-step k-block
+            (3, 256, 8, 8, 1, 1, 1, [0, 0], 50),
+            (1, 68, 6, 6, 1, 1, 1, [0, 0], 24),
         ] {
             let (oh, ow) = ((h + 2 * pad[0] - kh) / s + 1, (w + 2 * pad[1] - kw) / s + 1);
             let m = m_img * oh * ow;
