@@ -14,8 +14,9 @@ use super::{Epilogue, NR, Out, Panels, Plan, Rows, TileEpi};
 use std::arch::asm;
 use std::arch::x86_64::*;
 
-/// Rows a task takes at most (a multiple of the 32 rows of the accumulator tiles).
-const MC: usize = 64;
+/// Rows a task takes at most (a multiple of the 32 rows of the accumulator tiles): a k-block
+/// of them (<= 512 KiB) stays in L2 while each pair of panels' slices (64 KiB) runs over them.
+const MC: usize = 256;
 
 /// Whether this CPU and OS run AMX int8 (AMX-TILE and AMX-INT8 in CPUID leaf 7, AVX-512 for
 /// the epilogue, and Linux granting the process the tile data state, asked once).
@@ -139,18 +140,18 @@ pub(super) unsafe fn qgemm(
                         buf.tails[(p - p0) * 1024..][..tail * 64].copy_from_slice(&lines[src..src + tail * 64]);
                     }
                 }
-                for i0 in (0..rows16).step_by(32) {
-                    let nt = if rows16 - i0 > 16 { 2 } else { 1 };
-                    for p in (p0..p1).step_by(2) {
-                        let np = (p1 - p).min(2);
-                        let bq = |q: usize| lines[b.slice(s0, kcb, p + q.min(np - 1)) * 64..].as_ptr();
+                for p in (p0..p1).step_by(2) {
+                    let np = (p1 - p).min(2);
+                    let bq = |q: usize| lines[b.slice(s0, kcb, p + q.min(np - 1)) * 64..].as_ptr();
+                    let tails = |q: usize| buf.tails[(p + q.min(np - 1) - p0) * 1024..].as_ptr();
+                    let bp = [bq(0), bq(1)];
+                    let bt = if tail != 0 { [tails(0), tails(1)] } else { [std::ptr::null(); 2] };
+                    for i0 in (0..rows16).step_by(32) {
+                        let nt = if rows16 - i0 > 16 { 2 } else { 1 };
                         let (j0, cols) = (p * NR, (np * NR).min(n - p * NR));
                         let e = TileEpi::of_block(&epi, Some(scale), j0, cols, kb, nkb);
                         let rows = (r1 - r0 - i0).min(32);
                         let st = Store { c: out.at((r0 + i0) * ldc + c0 + j0), ldc, rows, cols, e: &e };
-                        let tails = |q: usize| buf.tails[(p + q.min(np - 1) - p0) * 1024..].as_ptr();
-                        let bp = [bq(0), bq(1)];
-                        let bt = if tail != 0 { [tails(0), tails(1)] } else { [std::ptr::null(); 2] };
                         // SAFETY: the tiles read lie in A (or the gathered rows) and B, as
                         // checked by the caller; the store is inside C and this task's own.
                         unsafe {
@@ -190,7 +191,7 @@ struct Tiles {
 /// store's region is inside C.
 #[target_feature(enable = "avx512f")]
 unsafe fn block<const NT: usize, const NP: usize>(t: &Tiles, st: &Store<'_, '_>) {
-    let mut acc = [0i32; 32 * 32];
+    let mut acc = std::mem::MaybeUninit::<[i32; 32 * 32]>::uninit();
     // SAFETY: the caller's contract; tiles 0-3 accumulate, 4-5 hold A, 6-7 hold B.
     unsafe {
         asm!("tilezero tmm0", options(nostack, nomem));
@@ -225,6 +226,7 @@ unsafe fn block<const NT: usize, const NP: usize>(t: &Tiles, st: &Store<'_, '_>)
         }
         // the accumulators row-major, 32 i32 (128 bytes) a row
         let c = acc.as_mut_ptr().cast::<u8>();
+        let acc = acc.as_ptr().cast::<i32>();
         asm!("tilestored [{p} + {s}*1], tmm0", p = in(reg) c, s = in(reg) 128usize, options(nostack));
         if NP > 1 {
             asm!("tilestored [{p} + {s}*1], tmm1", p = in(reg) c.add(64), s = in(reg) 128usize, options(nostack));
@@ -243,9 +245,10 @@ unsafe fn block<const NT: usize, const NP: usize>(t: &Tiles, st: &Store<'_, '_>)
         }
         let sv: [__m512; NP] = std::array::from_fn(|q| _mm512_loadu_ps(scale.as_ptr().add(16 * q)));
         let bv: [__m512; NP] = std::array::from_fn(|q| _mm512_loadu_ps(bias.as_ptr().add(16 * q)));
+        // rows < st.rows <= 16 NT and columns < 16 NP: stored above
         for i in 0..st.rows {
             let f: [__m512; NP] = std::array::from_fn(|q| {
-                let v = _mm512_loadu_si512(acc.as_ptr().add(i * 32 + 16 * q).cast());
+                let v = _mm512_loadu_si512(acc.add(i * 32 + 16 * q).cast());
                 _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), sv[q], bv[q])
             });
             st.row(f, i);
