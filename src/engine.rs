@@ -72,6 +72,12 @@ impl Act {
         Self { data: Vec::new(), ..*self }
     }
 
+    /// Image `i` of the batch as a batch of one (images are the outermost NHWC dimension).
+    pub(crate) fn image(&self, i: usize) -> Self {
+        let per = self.h * self.w * self.c;
+        Self { n: 1, data: self.data[i * per..(i + 1) * per].to_vec(), ..self.clone_shape() }
+    }
+
     /// All channels, read in place.
     pub(crate) fn view(&self) -> View<'_> {
         self.slice(0, self.c)
@@ -831,13 +837,11 @@ impl Engine {
             if x.n == 1 {
                 return vec![self.blocks_on(x, keep)];
             }
-            let per = x.h * x.w * x.c;
-            let image = |i: usize| Act { n: 1, data: x.data[i * per..(i + 1) * per].to_vec(), ..x.clone_shape() };
             let threads = rayon::current_num_threads().max(1);
             let rounds = if threads > 1 { x.n / threads * threads } else { 0 };
             let mut outs: Vec<_> =
-                (0..rounds).into_par_iter().map(|i| sgemm::serial(|| self.blocks_on(image(i), keep))).collect();
-            outs.extend((rounds..x.n).map(|i| self.blocks_on(image(i), keep)));
+                (0..rounds).into_par_iter().map(|i| sgemm::serial(|| self.blocks_on(x.image(i), keep))).collect();
+            outs.extend((rounds..x.n).map(|i| self.blocks_on(x.image(i), keep)));
             outs
         });
         // the batch again, stage by stage: images are the outermost NHWC dimension

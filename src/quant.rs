@@ -237,9 +237,8 @@ pub fn quantize_engine(
     for x in batches {
         // one image at a time, in order: a batch's images run in parallel passes, and the
         // statistics (a histogram whose range grows) depend on the order they are seen in
-        let per = x.h * x.w * x.c;
-        for img in x.data.chunks_exact(per.max(1)) {
-            engine.forward_features(Act { n: 1, data: img.to_vec(), ..x });
+        for i in 0..x.n {
+            engine.forward_features(x.image(i));
         }
         seen += 1;
         on_batch();
