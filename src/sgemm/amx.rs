@@ -146,10 +146,10 @@ pub(super) unsafe fn qgemm(
                     let tails = |q: usize| buf.tails[(p + q.min(np - 1) - p0) * 1024..].as_ptr();
                     let bp = [bq(0), bq(1)];
                     let bt = if tail != 0 { [tails(0), tails(1)] } else { [std::ptr::null(); 2] };
+                    let (j0, cols) = (p * NR, (np * NR).min(n - p * NR));
+                    let e = TileEpi::of_block(&epi, Some(scale), j0, cols, kb, nkb);
                     for i0 in (0..rows16).step_by(32) {
                         let nt = if rows16 - i0 > 16 { 2 } else { 1 };
-                        let (j0, cols) = (p * NR, (np * NR).min(n - p * NR));
-                        let e = TileEpi::of_block(&epi, Some(scale), j0, cols, kb, nkb);
                         let rows = (r1 - r0 - i0).min(32);
                         let st = Store { c: out.at((r0 + i0) * ldc + c0 + j0), ldc, rows, cols, e: &e };
                         // SAFETY: the tiles read lie in A (or the gathered rows) and B, as
@@ -245,7 +245,7 @@ unsafe fn block<const NT: usize, const NP: usize>(t: &Tiles, st: &Store<'_, '_>)
         }
         let sv: [__m512; NP] = std::array::from_fn(|q| _mm512_loadu_ps(scale.as_ptr().add(16 * q)));
         let bv: [__m512; NP] = std::array::from_fn(|q| _mm512_loadu_ps(bias.as_ptr().add(16 * q)));
-        // rows < st.rows <= 16 NT and columns < 16 NP: stored above
+        // rows i < st.rows <= 16 NT and tiles q < NP: all stored above
         for i in 0..st.rows {
             let f: [__m512; NP] = std::array::from_fn(|q| {
                 let v = _mm512_loadu_si512(acc.add(i * 32 + 16 * q).cast());
