@@ -28,7 +28,8 @@ mod avx2;
 mod avx512;
 mod portable;
 
-const MR: usize = 6;
+/// Rows of a micro-kernel tile (a strip).
+pub const MR: usize = 6;
 const NR: usize = 16;
 /// k-steps per block: a panel's slice is `KC` lines (16 KiB), kept in L1 while a task's strips
 /// run over it; the AVX-512 kernels read four panels at once, so they take half (and every
