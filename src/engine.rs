@@ -833,9 +833,9 @@ impl Engine {
         let keep = tap.is_some();
         // Run on a pool worker: each GEMM's tasks are then pushed to the local queue instead of
         // being injected from outside and waited for with a sleep/wake.
-        let outs: Vec<Pass> = rayon::scope(|_| {
+        let outs: Vec<Pass> = rayon::scope(|s| {
             if x.n == 1 {
-                return vec![self.blocks_on(x, keep)];
+                return vec![with_pool_awake(s, || self.blocks_on(x, keep))];
             }
             let threads = rayon::current_num_threads().max(1);
             let rounds = if threads > 1 { x.n / threads * threads } else { 0 };
@@ -901,5 +901,127 @@ impl Engine {
             Some(d) => (d.run(pre, n), d.dout()),
             None => (pre.to_vec(), pre.len() / n.max(1)),
         }
+    }
+}
+
+/// `INCEPTION_SPIN=0` turns [`with_pool_awake`] off (A/B runs); on by default.
+fn spin_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("INCEPTION_SPIN").map_or(true, |v| v != "0"))
+}
+
+thread_local! {
+    /// Set on a worker while it runs a pass under [`with_pool_awake`], or spins for one.
+    static IN_PASS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Clears [`IN_PASS`] when dropped.
+struct Busy;
+impl Drop for Busy {
+    fn drop(&mut self) {
+        IN_PASS.with(|p| p.set(false));
+    }
+}
+
+/// How long a kept-awake worker spins without finding a task before it goes back to sleep.
+const SPIN_IDLE: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Run `pass` (one image, parallel GEMMs) with the pool's other workers kept awake: each
+/// spins taking tasks (`rayon::yield_now`) instead of falling asleep between two parallel
+/// sections and being woken for the next (~340 times an image, 10-55 us each after a serial
+/// gap; BENCHMARKS.md). A worker that is itself running a pass, or that finds nothing to do
+/// for [`SPIN_IDLE`], leaves at once; all leave when the pass ends (or panics).
+fn with_pool_awake<'s, R>(s: &rayon::Scope<'s>, pass: impl FnOnce() -> R) -> R {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let threads = rayon::current_num_threads();
+    if threads < 2 || !spin_enabled() || IN_PASS.with(|p| p.get()) {
+        return pass();
+    }
+    let done = Arc::new(AtomicBool::new(false));
+    for _ in 1..threads {
+        let done = Arc::clone(&done);
+        s.spawn(move |_| {
+            // a worker running a pass (waiting in it) or already spinning for one stays as it is
+            if IN_PASS.with(|p| p.replace(true)) {
+                return;
+            }
+            let _busy = Busy;
+            let mut idle = std::time::Instant::now();
+            let mut spins = 0u32;
+            while !done.load(Ordering::Acquire) {
+                match rayon::yield_now() {
+                    Some(rayon::Yield::Executed) => spins = 0,
+                    Some(rayon::Yield::Idle) => {
+                        spins += 1;
+                        if spins == 1 {
+                            idle = std::time::Instant::now();
+                        } else if spins.is_multiple_of(64) && idle.elapsed() > SPIN_IDLE {
+                            return;
+                        }
+                        std::hint::spin_loop();
+                    }
+                    None => return,
+                }
+            }
+        });
+    }
+    // ends the spinning however the pass leaves
+    struct Done(Arc<AtomicBool>);
+    impl Drop for Done {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+    let _done = Done(done);
+    IN_PASS.with(|p| p.set(true));
+    let _busy = Busy;
+    pass()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool() -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new().num_threads(2).build().expect("a pool")
+    }
+
+    fn work(seed: u64) -> u64 {
+        (0..64u64).map(|i| (0..2000u64).into_par_iter().map(|j| (i * j) ^ seed).sum::<u64>()).sum()
+    }
+
+    /// Passes kept awake give the same results, also two at once on a two-thread pool.
+    #[test]
+    fn passes_kept_awake_agree_alone_and_concurrently() {
+        let pool = pool();
+        let want = (work(1), work(2));
+        let one = pool.install(|| rayon::scope(|s| with_pool_awake(s, || work(1))));
+        assert_eq!(one, want.0);
+        let both = pool.install(|| {
+            rayon::join(
+                || rayon::scope(|s| with_pool_awake(s, || work(1))),
+                || rayon::scope(|s| with_pool_awake(s, || work(2))),
+            )
+        });
+        assert_eq!(both, want);
+    }
+
+    /// A pass that panics releases the spinning worker: the panic comes back, the pool still
+    /// runs work.
+    #[test]
+    fn a_panicking_pass_releases_the_pool() {
+        let pool = pool();
+        let r = pool.install(|| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                rayon::scope(|s| {
+                    with_pool_awake(s, || {
+                        work(3);
+                        panic!("a failing pass")
+                    })
+                })
+            }))
+        });
+        assert!(r.is_err());
+        assert_eq!(pool.install(|| rayon::scope(|s| with_pool_awake(s, || work(4)))), work(4));
     }
 }

@@ -457,11 +457,11 @@ fn at(m: &[Lanes; 6]) -> [Lanes; 4] {
 #[inline(always)]
 fn dot<const N: usize>(row: &[f32], d: &[Lanes; N]) -> Lanes {
     let mut acc = [0.0; CB];
-    for k in 0..N {
+    for (k, dk) in d.iter().enumerate() {
         let c = row.get(k).copied().unwrap_or(0.0);
         if c != 0.0 {
             for l in 0..CB {
-                acc[l] += c * d[k][l];
+                acc[l] += c * dk[l];
             }
         }
     }
