@@ -283,10 +283,8 @@ impl Winograd {
         let task = |ch: usize| {
             // strips spread evenly: chunk `ch` takes strips [ch * strips / chunks, ...)
             let (s0, s1) = (ch * strips / chunks, (ch + 1) * strips / chunks);
+            // (chunks <= strips: every chunk has at least one strip)
             let (t0, t1) = (s0 * sgemm::MR, (s1 * sgemm::MR).min(tiles));
-            if t0 >= t1 {
-                return;
-            }
             BUFS.with(|b| {
                 let (v, m) = &mut *b.borrow_mut();
                 let nt = t1 - t0;
