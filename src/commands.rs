@@ -313,6 +313,7 @@ pub fn quantize(
         convs,
         int8_convs,
         scheme: crate::quant::SCHEME.to_string(),
+        layout: crate::quant::LAYOUT,
     };
     let meta = crate::bundle::metadata(&b.model.config(), pre, &b.classes);
     crate::quant::save(out, &mut engine, &tables, &config, meta)?;

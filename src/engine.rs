@@ -383,8 +383,18 @@ pub(crate) fn max_pool_into<'a>(x: impl Into<View<'a>>, dst: &mut [f32], ld: usi
 pub(crate) fn avg_pool<'a>(x: impl Into<View<'a>>) -> Act {
     let x: View = x.into();
     let mut y = Act::zeros(x.n, x.h, x.w, x.c);
+    avg_pool_into(x, &mut y.data, x.c, 0, false);
+    y
+}
+
+/// 3x3 / 1 average pool, padding 1, padding excluded from the mean, into channels `[off, off
+/// + c)` of `dst` (row stride `ld`), then ReLU if asked.
+pub(crate) fn avg_pool_into<'a>(x: impl Into<View<'a>>, dst: &mut [f32], ld: usize, off: usize, relu: bool) {
+    let x: View = x.into();
     let (h, w, c, xs) = (x.h, x.w, x.c, x.rows());
-    y.data.par_chunks_mut(c).enumerate().for_each(|(r, out)| {
+    dst[..x.n * h * w * ld].par_chunks_mut(ld).enumerate().for_each(|(r, row)| {
+        let out = &mut row[off..off + c];
+        out.fill(0.0);
         let (b, oy, ox) = (r / (h * w), (r / w) % h, r % w);
         let (y0, y1, x0, x1) = (oy.saturating_sub(1), (oy + 1).min(h - 1), ox.saturating_sub(1), (ox + 1).min(w - 1));
         for iy in y0..=y1 {
@@ -396,9 +406,11 @@ pub(crate) fn avg_pool<'a>(x: impl Into<View<'a>>) -> Act {
             }
         }
         let inv = 1.0 / ((y1 - y0 + 1) * (x1 - x0 + 1)) as f32;
-        out.iter_mut().for_each(|o| *o *= inv);
+        match relu {
+            true => out.iter_mut().for_each(|o| *o = (*o * inv).max(0.0)),
+            false => out.iter_mut().for_each(|o| *o *= inv),
+        }
     });
-    y
 }
 
 /// The geometry of a convolution, all the block structure needs to know of it (the frozen
@@ -502,6 +514,20 @@ impl Branch {
 
     /// Run on `x` (a slice of the merged 1x1's output is read in place).
     fn run_into(&self, x: View, dst: &mut [f32], ld: usize, off: usize) {
+        if let [Op::AvgPool, Op::Conv(conv)] = &self.ops[..]
+            && self.tails.is_empty()
+            && conv.is_pointwise()
+            && conv.pad == [0, 0]
+        {
+            // The pool branch (Fig. 4, 7, 9, and Inception-ResNet-v2's stem): the 1x1 is linear
+            // and its bias a constant, which the mean keeps, so it runs first and the mean then
+            // averages its `cout` channels instead of the `cin` (4-8x fewer); only the ReLU
+            // waits for the mean. (Merged into the block's leading 1x1 GEMM instead, with the
+            // ReLU starting after its columns, it was no faster: BENCHMARKS.md.)
+            let mut y = Act::zeros(x.n, x.h, x.w, conv.cout);
+            conv.run_into(x, &mut y.data, conv.cout, 0, StoreMode::Store { relu: false });
+            return avg_pool_into(&y, dst, ld, off, conv.relu);
+        }
         let last = if self.tails.is_empty() { self.ops.len() - 1 } else { self.ops.len() };
         let mut tmp: Option<Act> = None;
         for op in &self.ops[..last] {

@@ -48,6 +48,18 @@ pub struct QuantConfig {
     pub convs: usize,
     pub int8_convs: usize,
     pub scheme: String,
+    /// Which engine dataflow the input grids were calibrated on ([`LAYOUT`]; files without
+    /// one are layout 1).
+    #[serde(default = "first_layout")]
+    pub layout: u32,
+}
+
+/// The engine dataflow the calibration sees. 2: a pool branch's 1x1 runs before its mean, so
+/// its input grid is the block input's (layout 1: the mean's output).
+pub const LAYOUT: u32 = 2;
+
+fn first_layout() -> u32 {
+    1
 }
 
 pub const SCHEME: &str = "int8 per-output-channel symmetric weights, uint8 per-tensor activations, i32 sums";
@@ -322,9 +334,16 @@ pub fn config_of(path: &Path, header: &serde_json::Map<String, serde_json::Value
     let Some(v) = header.get("__metadata__").and_then(|m| m.get(META_QUANT)).and_then(|v| v.as_str()) else {
         return Ok(None);
     };
-    serde_json::from_str(v)
-        .map(Some)
-        .map_err(|e| Error::Invalid(format!("{}: bad '{META_QUANT}' metadata: {e}", path.display())))
+    let cfg: QuantConfig = serde_json::from_str(v)
+        .map_err(|e| Error::Invalid(format!("{}: bad '{META_QUANT}' metadata: {e}", path.display())))?;
+    if cfg.layout != LAYOUT {
+        return Err(Error::Invalid(format!(
+            "{}: quantized for engine layout {} (this build runs layout {LAYOUT}): run `inception quantize` on the f32 weights again",
+            path.display(),
+            cfg.layout
+        )));
+    }
+    Ok(Some(cfg))
 }
 
 /// Fill `engine` (lowered from the file's model config) with a quantized file's tables,

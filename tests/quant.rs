@@ -106,6 +106,18 @@ fn int8_files_are_checked_strictly() {
     let o = run(&["classify", "--weights", s(&bad), s(&samples().join("bag_18.png"))]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("conv.5.weight_scale") && text(&o).contains("expected shape"), "{}", text(&o));
+    // quantized for an older engine layout (no `layout` in its config): refused, not run on
+    // input grids calibrated for another dataflow
+    let mut old = meta.metadata().clone().unwrap();
+    let cfg = old.get_mut("quantization").unwrap();
+    *cfg = cfg.replace(",\"layout\":2", "");
+    assert!(!cfg.contains("layout"), "{cfg}");
+    let views: Vec<_> = st.tensors().into_iter().map(|(k, v)| (k, v)).collect();
+    let stale = dir.join("old_layout.safetensors");
+    std::fs::write(&stale, safetensors::serialize(views, Some(old)).unwrap()).unwrap();
+    let o = run(&["classify", "--weights", s(&stale), s(&samples().join("bag_18.png"))]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("engine layout 1") && text(&o).contains("inception quantize"), "{}", text(&o));
     // burn engine, re-quantizing, out-of-range flags
     let o = run(&["--engine", "burn", "classify", "--weights", s(q), s(&samples().join("bag_18.png"))]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));

@@ -28,7 +28,7 @@ use burn::nn::PaddingConfig2d;
 use burn::tensor::Tensor;
 use rayon::prelude::*;
 
-use crate::engine::{Act, Branch, ConvShape, Op, Residual, avg_pool, max_pool_into};
+use crate::engine::{Act, Branch, ConvShape, Op, Residual, avg_pool_into, max_pool_into};
 use crate::layers::BN_EPS;
 use crate::lower::{ConvSrc, part};
 use crate::models::{Head, Model, ModelKind};
@@ -731,8 +731,7 @@ fn op_forward(
         Op::Conv(conv) => OpTape::Conv(conv.forward(slots, x, buf, ld, off, momentum)),
         Op::MaxPool => OpTape::Max(max_pool_fwd(&x, buf, ld, off)),
         Op::AvgPool => {
-            let y = avg_pool(&*x);
-            buf.par_chunks_mut(ld).zip(y.data.par_chunks(c)).for_each(|(d, s)| d[off..off + c].copy_from_slice(s));
+            avg_pool_into(&*x, buf, ld, off, false);
             OpTape::Avg
         }
     };
