@@ -112,7 +112,7 @@ fn int8_files_are_checked_strictly() {
     let cfg = old.get_mut("quantization").unwrap();
     *cfg = cfg.replace(",\"layout\":2", "");
     assert!(!cfg.contains("layout"), "{cfg}");
-    let views: Vec<_> = st.tensors().into_iter().map(|(k, v)| (k, v)).collect();
+    let views = st.tensors();
     let stale = dir.join("old_layout.safetensors");
     std::fs::write(&stale, safetensors::serialize(views, Some(old)).unwrap()).unwrap();
     let o = run(&["classify", "--weights", s(&stale), s(&samples().join("bag_18.png"))]);
