@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
 
+use crate::buffers;
 use crate::models::ModelKind;
 use crate::quant::{ActStats, quantize_u8};
 use crate::sgemm::{self, PackedB, PackedQ, Rows};
@@ -32,6 +33,23 @@ pub struct Act {
 impl Act {
     pub fn zeros(n: usize, h: usize, w: usize, c: usize) -> Self {
         Self { n, h, w, c, data: vec![0.0; n * h * w * c] }
+    }
+
+    /// An activation its producer writes whole (a GEMM's output, a concatenation, a pool), in
+    /// a finished layer's buffer where this thread keeps one (`crate::buffers`).
+    fn for_overwrite(n: usize, h: usize, w: usize, c: usize) -> Self {
+        Self { n, h, w, c, data: buffers::take(n * h * w * c) }
+    }
+
+    /// Recycle this one and go on with `next`.
+    fn recycle_into(self, next: Act) -> Act {
+        self.recycle();
+        next
+    }
+
+    /// Keep the buffer for the next layers of this thread's pass.
+    fn recycle(self) {
+        buffers::give(self.data)
     }
 
     pub fn from_nchw(data: &[f32], [n, c, h, w]: [usize; 4]) -> Self {
@@ -345,6 +363,7 @@ impl Conv {
             Weights::Int8 { w, cin4, x_scale, x_zero, col_scale, .. } => {
                 let q = quantize_u8(&x, *cin4, *x_scale, *x_zero);
                 sgemm::qgemm(m, self.rows(&q, &x, (*cin4, 0)), w, col_scale, dst, ld, off, epi);
+                buffers::give(q);
             }
         }
     }
@@ -353,7 +372,7 @@ impl Conv {
     pub fn run<'a>(&self, x: impl Into<View<'a>>) -> Act {
         let x: View = x.into();
         let (oh, ow) = self.out_hw(x.h, x.w);
-        let mut y = Act::zeros(x.n, oh, ow, self.cout);
+        let mut y = Act::for_overwrite(x.n, oh, ow, self.cout);
         self.run_into(x, &mut y.data, self.cout, 0, StoreMode::Store { relu: self.relu });
         y
     }
@@ -524,24 +543,26 @@ impl Branch {
             // averages its `cout` channels instead of the `cin` (4-8x fewer); only the ReLU
             // waits for the mean. (Merged into the block's leading 1x1 GEMM instead, with the
             // ReLU starting after its columns, it was no faster: BENCHMARKS.md.)
-            let mut y = Act::zeros(x.n, x.h, x.w, conv.cout);
+            let mut y = Act::for_overwrite(x.n, x.h, x.w, conv.cout);
             conv.run_into(x, &mut y.data, conv.cout, 0, StoreMode::Store { relu: false });
-            return avg_pool_into(&y, dst, ld, off, conv.relu);
+            avg_pool_into(&y, dst, ld, off, conv.relu);
+            return y.recycle();
         }
         let last = if self.tails.is_empty() { self.ops.len() - 1 } else { self.ops.len() };
         let mut tmp: Option<Act> = None;
         for op in &self.ops[..last] {
             let input = tmp.as_ref().map_or(x, Act::view);
-            tmp = Some(match op {
+            let y = match op {
                 Op::Conv(conv) => conv.run(input),
                 Op::AvgPool => avg_pool(input),
                 Op::MaxPool => {
                     let (oh, ow, c) = op.out_shape(input.h, input.w, input.c);
-                    let mut y = Act::zeros(input.n, oh, ow, c);
+                    let mut y = Act::for_overwrite(input.n, oh, ow, c);
                     max_pool_into(input, &mut y.data, c, 0);
                     y
                 }
-            });
+            };
+            tmp.replace(y).into_iter().for_each(Act::recycle);
         }
         let input = tmp.as_ref().map_or(x, Act::view);
         if self.tails.is_empty() {
@@ -557,6 +578,7 @@ impl Branch {
                 o += t.cout;
             }
         }
+        tmp.into_iter().for_each(Act::recycle);
     }
 }
 
@@ -673,7 +695,7 @@ impl Block {
             .collect();
         let (oh, ow) = (shapes[0].0, shapes[0].1);
         let ctot: usize = shapes.iter().map(|s| s.2).sum();
-        let mut out = Act::zeros(x.n, oh, ow, ctot);
+        let mut out = Act::for_overwrite(x.n, oh, ow, ctot);
         let mut off = 0;
         for ((b, s), input) in self.branches.iter().zip(&shapes).zip(&inputs) {
             match input {
@@ -684,11 +706,13 @@ impl Block {
             }
             off += s.2;
         }
-        match &self.residual {
-            None => out,
+        merged_out.into_iter().for_each(Act::recycle);
+        let y = match &self.residual {
+            None => return x.recycle_into(out),
             Some(Residual { up, relu, shortcut: false, .. }) => {
-                let mut y = Act::zeros(out.n, out.h, out.w, up.cout);
+                let mut y = Act::for_overwrite(out.n, out.h, out.w, up.cout);
                 up.run_into(&out, &mut y.data, up.cout, 0, StoreMode::Store { relu: *relu });
+                x.recycle();
                 y
             }
             Some(Residual { up, scale, relu, shortcut: true }) => {
@@ -697,7 +721,9 @@ impl Block {
                 up.run_into(&out, &mut x.data, c, 0, StoreMode::Residual { scale: *scale, relu: *relu });
                 x
             }
-        }
+        };
+        out.recycle();
+        y
     }
 }
 
@@ -901,6 +927,8 @@ impl Engine {
                 taps.push(x.clone());
             }
         }
+        // the next pass may run on another thread: hold no buffers between passes
+        buffers::clear();
         (x, taps)
     }
 

@@ -35,6 +35,7 @@ pub use error::{Error, KeyProblem, Result};
 pub use models::{Model, ModelConfig, ModelKind};
 pub use preprocess::Preprocess;
 pub mod bench;
+mod buffers;
 pub mod bundle;
 pub mod commands;
 pub mod demo;

@@ -183,7 +183,8 @@ impl ActStats {
 pub(crate) fn quantize_u8(x: &View, c4: usize, scale: f32, zero: u8) -> Vec<u8> {
     let (inv, z, c, ld) = (1.0 / scale, zero as f32, x.c, x.ld);
     let pixels = x.n * x.h * x.w;
-    let mut q = vec![0u8; pixels * c4];
+    // every byte is written below (a kept buffer holds old values)
+    let mut q = crate::buffers::take(pixels * c4);
     let rows = (1usize << 15).div_ceil(c4);
     q.par_chunks_mut(c4 * rows).zip(x.data.par_chunks(ld * rows)).for_each(|(dst, src)| {
         if c == c4 && ld == c {
@@ -191,6 +192,7 @@ pub(crate) fn quantize_u8(x: &View, c4: usize, scale: f32, zero: u8) -> Vec<u8> 
         } else {
             for (d, s) in dst.chunks_exact_mut(c4).zip(src.chunks_exact(ld)) {
                 crate::sgemm::quantize_u8(&s[x.c0..x.c0 + c], &mut d[..c], inv, z);
+                d[c..].fill(0);
             }
         }
     });
