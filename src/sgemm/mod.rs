@@ -8,8 +8,10 @@
 //! (kept in L1 while a task's rows run over them). `A` (activations) is not packed: the
 //! micro-kernel reads its 6 rows through pointers, one set per run of contiguous columns
 //! ("indirect" convolution: for a k x k convolution a run is one tap's input channels of six
-//! output pixels, or zeros for padding), so im2col never exists. Only f32 inputs with fewer
-//! than 16 channels (the RGB stem) are gathered into a row-major scratch tile first. Scale,
+//! output pixels, or zeros for padding), so im2col never exists. Taps of fewer than 16 k-steps
+//! (the RGB stem; for u8 the 32- and 48-channel convolutions) are gathered into a row-major
+//! scratch tile first, except in strips whose kernel rows lie inside a dense input, which read
+//! each kernel row (its taps are contiguous there) as one run. Scale,
 //! bias, the residual scale-add and ReLU are applied as the accumulators are stored.
 //!
 //! Micro-kernels implement [`Kernel`], one file per instruction set, chosen at run time
@@ -498,6 +500,45 @@ impl<'a, T: Elem> Rows<'a, T> {
         }
     }
 
+    /// The origins of the strip at row `ra` where it can read whole kernel rows in place
+    /// (`segments_wide`): dense input channels, a kernel row of at least 16 k-steps, and every
+    /// row's taps inside the input horizontally (a kernel row above or below it reads zeros).
+    fn wide(&self, ra: usize, r1: usize) -> Option<[Origin; MR]> {
+        let Rows::Conv { ld, c0: 0, cin, hw: [_, w], k: [_, kw], .. } = *self else { return None };
+        let run = kw * cin;
+        if ld != cin || run < 16 * T::STEP || run > T::zeros().len() {
+            return None;
+        }
+        let origins: [Origin; MR] = std::array::from_fn(|i| self.origin(if ra + i < r1 { ra + i } else { ra }));
+        origins.iter().all(|&(_, _, x0)| x0 >= 0 && x0 as usize + kw <= w).then_some(origins)
+    }
+
+    /// `segments` of a `wide` strip (its rows' `origins`): one run per kernel row (its `kw`
+    /// taps are contiguous in the input row) instead of one per tap, so short taps need no
+    /// gathering.
+    fn segments_wide(&self, origins: &[Origin; MR], k0: usize, kc: usize, out: &mut Vec<Seg>) {
+        let Rows::Conv { data, cin, hw: [h, w], k: [_, kw], .. } = *self else {
+            unreachable!("wide rows are a convolution's")
+        };
+        let zeros = T::zeros().as_ptr().cast::<u8>();
+        let krow = kw * cin;
+        let mut kk = 0;
+        while kk < kc {
+            let (ky, j) = ((k0 + kk) / krow, (k0 + kk) % krow);
+            let run = (krow - j).min(kc - kk);
+            let mut p = [zeros; MR];
+            for (q, &(b, y0, x0)) in p.iter_mut().zip(origins) {
+                let iy = y0 + ky as isize;
+                if iy >= 0 && iy < h as isize {
+                    *q = data[((b * h + iy as usize) * w + x0 as usize) * cin + j..][..run].as_ptr().cast::<u8>();
+                }
+            }
+            let p = if p.iter().all(|&q| q == zeros) { [std::ptr::null(); MR] } else { p };
+            out.push(Seg { p, run: run / T::STEP });
+            kk += run;
+        }
+    }
+
     /// Rows `[r0, r1)`, columns `[k0, k0 + kc)` copied row-major into `out` (row stride `ldo`
     /// >= `kc`; the columns past `kc` are left as they are).
     fn gather(&self, r0: usize, r1: usize, k0: usize, kc: usize, out: &mut [T], ldo: usize) {
@@ -766,13 +807,26 @@ fn drive<K: Kernel>(
                 scratch.segs.clear();
                 scratch.starts.clear();
                 if a.needs_gather() {
+                    // strips whose kernel rows lie inside the input read them in place; the
+                    // others (at the left and right edges) are gathered
                     let mut rows = std::mem::take(K::A::rows(scratch));
                     rows.resize((r1 - r0) * kce, K::A::default());
-                    a.gather(r0, r1, k0, kce, &mut rows, kce);
+                    let mut wide = [None; MC / MR];
+                    assert!(strips <= wide.len(), "a task holds at most MC rows");
+                    for (st, o) in wide.iter_mut().enumerate().take(strips) {
+                        let ra = r0 + st * MR;
+                        *o = a.wide(ra, r1);
+                        if o.is_none() {
+                            a.gather(ra, (ra + MR).min(r1), k0, kce, &mut rows[st * MR * kce..], kce);
+                        }
+                    }
                     let tile_rows: Rows<K::A> = Rows::Dense { data: &rows, ld: kce };
-                    for st in 0..strips {
+                    for (st, o) in wide.iter().enumerate().take(strips) {
                         scratch.starts.push(scratch.segs.len());
-                        tile_rows.segments(st * MR, r1 - r0, 0, kce, &mut scratch.segs);
+                        match o {
+                            Some(origins) => a.segments_wide(origins, k0, kce, &mut scratch.segs),
+                            None => tile_rows.segments(st * MR, r1 - r0, 0, kce, &mut scratch.segs),
+                        }
                     }
                     *K::A::rows(scratch) = rows;
                 } else {
@@ -1015,6 +1069,37 @@ mod tests {
             .collect()
     }
 
+    /// A strip of six pixels inside a row reads each kernel row as one run (the row above the
+    /// input skipped); one touching the left edge is gathered instead.
+    #[test]
+    fn inner_strips_read_whole_kernel_rows() {
+        let x = vec![1u8; 12 * 20 * 32];
+        let (h, w) = (12, 20);
+        let r =
+            Rows::Conv { data: &x, ld: 32, c0: 0, cin: 32, hw: [h, w], k: [3, 3], stride: 1, pad: [1, 1], out: [h, w] };
+        // pixels 0-5 touch the left edge, 14-19 the right one, 21-26 (row 1) neither
+        assert!(r.needs_gather() && r.wide(0, h * w).is_none() && r.wide(14, h * w).is_none());
+        assert!(r.wide(21, h * w).is_some());
+        let mut segs = Vec::new();
+        r.segments_wide(&r.wide(1, h * w).expect("pixels 1-6 of row 0 are inside"), 0, 288, &mut segs);
+        assert_eq!(segs.iter().map(|s| s.run).collect::<Vec<_>>(), [24, 24, 24]);
+        assert!(segs[0].p.iter().all(|p| p.is_null()), "the kernel row above the input is skipped");
+        assert!(segs[1].p.iter().all(|p| !p.is_null()));
+        // 32 channels of a wider input (a slice) are not dense: gathered
+        let sl = Rows::Conv {
+            data: &x,
+            ld: 64,
+            c0: 0,
+            cin: 32,
+            hw: [h, w / 2],
+            k: [3, 3],
+            stride: 1,
+            pad: [1, 1],
+            out: [h, w / 2],
+        };
+        assert!(sl.wide(1, h * w / 2).is_none());
+    }
+
     /// u8 x i8 against exact integer sums: every int8 kernel, dense and convolution rows
     /// (padding, stride, k-blocks), bit-identical to the portable kernel on the same packing.
     #[test]
@@ -1028,6 +1113,12 @@ mod tests {
             (2, 96, 7, 6, 3, 3, 2, [0, 0], 70),
             (1, 12, 8, 6, 1, 7, 1, [0, 3], 16),
             (1, 48, 9, 8, 7, 7, 1, [3, 3], 40),
+            // 32 channels: strips inside the input read whole kernel rows in place (rows
+            // above / below the input as zeros), those at the edges are gathered; unpadded and
+            // strided ones
+            (2, 32, 12, 20, 3, 3, 1, [1, 1], 48),
+            (1, 32, 10, 14, 3, 3, 1, [0, 0], 32),
+            (1, 32, 15, 15, 3, 3, 2, [0, 0], 20),
             // AMX: whole 16-row tiles of a 1x1 loaded with their stride, and a 17-step k-block
             (3, 256, 8, 8, 1, 1, 1, [0, 0], 50),
             (1, 68, 6, 6, 1, 1, 1, [0, 0], 24),
