@@ -41,12 +41,6 @@ impl Act {
         Self { n, h, w, c, data: buffers::take(n * h * w * c) }
     }
 
-    /// Recycle this one and go on with `next`.
-    fn recycle_into(self, next: Act) -> Act {
-        self.recycle();
-        next
-    }
-
     /// Keep the buffer for the next layers of this thread's pass.
     fn recycle(self) {
         buffers::give(self.data)
@@ -708,7 +702,10 @@ impl Block {
         }
         merged_out.into_iter().for_each(Act::recycle);
         let y = match &self.residual {
-            None => return x.recycle_into(out),
+            None => {
+                x.recycle();
+                return out;
+            }
             Some(Residual { up, relu, shortcut: false, .. }) => {
                 let mut y = Act::for_overwrite(out.n, out.h, out.w, up.cout);
                 up.run_into(&out, &mut y.data, up.cout, 0, StoreMode::Store { relu: *relu });

@@ -448,6 +448,11 @@ impl<'a, T: Elem> Rows<'a, T> {
         }
     }
 
+    /// The origins of the strip's rows `ra..ra + MR` (rows at or past `r1` repeat row `ra`).
+    fn strip_origins(&self, ra: usize, r1: usize) -> [Origin; MR] {
+        std::array::from_fn(|i| self.origin(if ra + i < r1 { ra + i } else { ra }))
+    }
+
     /// Convolution row `r`'s origin.
     fn origin(&self, r: usize) -> Origin {
         let Rows::Conv { stride, pad, out: [oh, ow], .. } = *self else { unreachable!("origin of a dense row") };
@@ -485,7 +490,7 @@ impl<'a, T: Elem> Rows<'a, T> {
                 out.push(Seg { p, run: kc / T::STEP });
             }
             Rows::Conv { .. } => {
-                let origins: [Origin; MR] = std::array::from_fn(|i| self.origin(row(i)));
+                let origins = self.strip_origins(ra, r1);
                 let zeros = T::zeros().as_ptr().cast::<u8>();
                 let mut kk = 0;
                 while kk < kc {
@@ -509,7 +514,7 @@ impl<'a, T: Elem> Rows<'a, T> {
         if ld != cin || run < 16 * T::STEP || run > T::zeros().len() {
             return None;
         }
-        let origins: [Origin; MR] = std::array::from_fn(|i| self.origin(if ra + i < r1 { ra + i } else { ra }));
+        let origins = self.strip_origins(ra, r1);
         origins.iter().all(|&(_, _, x0)| x0 >= 0 && x0 as usize + kw <= w).then_some(origins)
     }
 
