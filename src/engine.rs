@@ -7,8 +7,9 @@
 //! im2col buffer); bias + ReLU run as each tile is stored; concatenations cost nothing because
 //! each branch writes its own channel slice of the block output (GEMM row stride = total
 //! channels); the residual `x + scale * up(cat)` is the GEMM's accumulate (`dst = x + scale*AB`),
-//! in place in the block input's buffer. Parity with the burn path (and so with timm /
-//! facenet) is tested like the burn path.
+//! in place in the block input's buffer. Quantized (`crate::quant`), int8 convolutions hand
+//! the int8 ones after them u8 activations (`Act<u8>`, `Carry`) instead of f32. Parity with the
+//! burn path (and so with timm / facenet) is tested like the burn path.
 
 use std::sync::{Arc, Mutex};
 
@@ -17,33 +18,53 @@ use rayon::prelude::*;
 use crate::buffers;
 use crate::models::ModelKind;
 use crate::quant::{ActStats, quantize_u8};
-use crate::sgemm::{self, PackedB, PackedQ, Rows};
+use crate::sgemm::{self, PackedB, PackedQ, Rows, U8Out, U8Part};
 use crate::winograd::Winograd;
 
-/// An NHWC activation.
+/// An NHWC activation: f32, or (`Act<u8>`) uint8 on the grid of the int8 convolutions that
+/// read it, written so by the int8 convolution before them.
 #[derive(Clone, Debug)]
-pub struct Act {
+pub struct Act<T = f32> {
     pub n: usize,
     pub h: usize,
     pub w: usize,
     pub c: usize,
-    pub data: Vec<f32>,
+    pub data: Vec<T>,
+}
+
+impl<T> Act<T> {
+    /// An activation its producer writes whole (a GEMM's output, a concatenation, a pool), in
+    /// a finished layer's buffer where this thread keeps one (`crate::buffers`).
+    fn for_overwrite(n: usize, h: usize, w: usize, c: usize) -> Self
+    where
+        T: buffers::Kept,
+    {
+        Self { n, h, w, c, data: buffers::take(n * h * w * c) }
+    }
+
+    /// Keep the buffer for the next layers of this thread's pass.
+    fn recycle(self)
+    where
+        T: buffers::Kept,
+    {
+        buffers::give(self.data)
+    }
+
+    /// All channels, read in place.
+    pub(crate) fn view(&self) -> View<'_, T> {
+        self.slice(0, self.c)
+    }
+
+    /// Channels `[c0, c0 + c)`, read in place.
+    pub(crate) fn slice(&self, c0: usize, c: usize) -> View<'_, T> {
+        assert!(c0 + c <= self.c, "channel slice outside the activation");
+        View { data: &self.data, n: self.n, h: self.h, w: self.w, ld: self.c, c0, c }
+    }
 }
 
 impl Act {
     pub fn zeros(n: usize, h: usize, w: usize, c: usize) -> Self {
         Self { n, h, w, c, data: vec![0.0; n * h * w * c] }
-    }
-
-    /// An activation its producer writes whole (a GEMM's output, a concatenation, a pool), in
-    /// a finished layer's buffer where this thread keeps one (`crate::buffers`).
-    fn for_overwrite(n: usize, h: usize, w: usize, c: usize) -> Self {
-        Self { n, h, w, c, data: buffers::take(n * h * w * c) }
-    }
-
-    /// Keep the buffer for the next layers of this thread's pass.
-    fn recycle(self) {
-        buffers::give(self.data)
     }
 
     pub fn from_nchw(data: &[f32], [n, c, h, w]: [usize; 4]) -> Self {
@@ -89,24 +110,13 @@ impl Act {
         let per = self.h * self.w * self.c;
         Self { n: 1, data: self.data[i * per..(i + 1) * per].to_vec(), ..self.clone_shape() }
     }
-
-    /// All channels, read in place.
-    pub(crate) fn view(&self) -> View<'_> {
-        self.slice(0, self.c)
-    }
-
-    /// Channels `[c0, c0 + c)`, read in place.
-    pub(crate) fn slice(&self, c0: usize, c: usize) -> View<'_> {
-        assert!(c0 + c <= self.c, "channel slice outside the activation");
-        View { data: &self.data, n: self.n, h: self.h, w: self.w, ld: self.c, c0, c }
-    }
 }
 
 /// Channels `[c0, c0 + c)` of an NHWC activation with `ld` channels a pixel, read in place: a
 /// slice of the merged 1x1's output feeds the rest of its branch without a copy.
 #[derive(Clone, Copy, Debug)]
-pub struct View<'a> {
-    pub(crate) data: &'a [f32],
+pub struct View<'a, T = f32> {
+    pub(crate) data: &'a [T],
     pub(crate) n: usize,
     pub(crate) h: usize,
     pub(crate) w: usize,
@@ -128,9 +138,11 @@ impl View<'_> {
         self.copy_into(&mut y.data, self.c, 0);
         y
     }
+}
 
+impl<T: Copy + Send + Sync> View<'_, T> {
     /// The viewed channels copied into channels `[off, off + c)` of `dst` (row stride `ld`).
-    pub(crate) fn copy_into(self, dst: &mut [f32], ld: usize, off: usize) {
+    pub(crate) fn copy_into(self, dst: &mut [T], ld: usize, off: usize) {
         let (c0, c) = (self.c0, self.c);
         dst.par_chunks_mut(ld)
             .zip(self.data.par_chunks(self.ld))
@@ -138,8 +150,124 @@ impl View<'_> {
     }
 
     /// The viewed channels starting at pixel 0 (pixel `p` at `p * ld`).
-    pub(crate) fn rows(&self) -> &[f32] {
+    pub(crate) fn rows(&self) -> &[T] {
         &self.data[self.c0..]
+    }
+}
+
+/// The u8 grid `(scale, zero point)` an int8 convolution's input is quantized on.
+pub(crate) type QGrid = (f32, u8);
+
+fn same_grid(a: QGrid, b: QGrid) -> bool {
+    a.0.to_bits() == b.0.to_bits() && a.1 == b.1
+}
+
+/// A convolution's input: f32, or u8 already on its grid.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum In<'a> {
+    F32(View<'a>),
+    U8(View<'a, u8>, QGrid),
+}
+
+impl<'a> From<View<'a>> for In<'a> {
+    fn from(v: View<'a>) -> Self {
+        In::F32(v)
+    }
+}
+
+impl<'a> From<&'a Act> for In<'a> {
+    fn from(a: &'a Act) -> Self {
+        In::F32(a.view())
+    }
+}
+
+impl<'a> In<'a> {
+    fn dims(&self) -> (usize, usize, usize, usize) {
+        match self {
+            In::F32(v) => (v.n, v.h, v.w, v.c),
+            In::U8(v, _) => (v.n, v.h, v.w, v.c),
+        }
+    }
+
+    /// The f32 input of an op that reads no u8 (pools, f32 convolutions): the u8 flow only
+    /// ever feeds int8 convolutions.
+    fn f32(self) -> View<'a> {
+        match self {
+            In::F32(v) => v,
+            In::U8(..) => unreachable!("u8 activations feed int8 convolutions only"),
+        }
+    }
+}
+
+/// An activation between layers: f32, or u8 on the grid of the convolution after it.
+pub(crate) enum Carry {
+    F32(Act),
+    U8(Act<u8>, QGrid),
+}
+
+impl Carry {
+    fn input(&self) -> In<'_> {
+        match self {
+            Carry::F32(a) => In::F32(a.view()),
+            Carry::U8(a, g) => In::U8(a.view(), *g),
+        }
+    }
+
+    fn recycle(self) {
+        match self {
+            Carry::F32(a) => a.recycle(),
+            Carry::U8(a, _) => a.recycle(),
+        }
+    }
+
+    fn into_f32(self) -> Act {
+        match self {
+            Carry::F32(a) => a,
+            Carry::U8(..) => unreachable!("u8 activations feed int8 convolutions only"),
+        }
+    }
+}
+
+/// Per output channel, the grid of the int8 convolution that reads it (`1 / scale` and the
+/// zero point as f32, as the quantizer takes them).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ColGrids {
+    inv: Vec<f32>,
+    zero: Vec<f32>,
+}
+
+impl ColGrids {
+    /// `channels` channels read on `g`, appended.
+    fn push(&mut self, g: QGrid, channels: usize) {
+        self.inv.extend(std::iter::repeat_n(1.0 / g.0, channels));
+        self.zero.extend(std::iter::repeat_n(g.1 as f32, channels));
+    }
+
+    fn of(g: QGrid, channels: usize) -> Self {
+        let mut c = Self::default();
+        c.push(g, channels);
+        c
+    }
+}
+
+/// Where a convolution's output goes: channels `[off, off + cout)` of `data` (row stride `ld`),
+/// f32, or u8 on the grids of the convolutions after it (`grids` per channel of `data`); or
+/// (`U8Slots`, the merged 1x1) each slot `(offset, channels)` of its channels as a dense map of
+/// its own, slot maps one after the other.
+pub(crate) enum Dst<'a> {
+    F32 { data: &'a mut [f32], ld: usize, off: usize },
+    U8 { data: &'a mut [u8], ld: usize, off: usize, grids: &'a ColGrids },
+    U8Slots { data: &'a mut [u8], slots: &'a [(usize, usize)], grids: &'a ColGrids },
+}
+
+impl Dst<'_> {
+    /// The same destination `by` channels further on.
+    fn shifted(&mut self, by: usize) -> Dst<'_> {
+        match self {
+            Dst::F32 { data, ld, off } => Dst::F32 { data, ld: *ld, off: *off + by },
+            Dst::U8 { data, ld, off, grids } => Dst::U8 { data, ld: *ld, off: *off + by, grids },
+            Dst::U8Slots { .. } => unreachable!("slot maps are the merged 1x1's alone"),
+        }
     }
 }
 
@@ -312,9 +440,23 @@ impl Conv {
         self.kernel == [1, 1] && self.stride == 1
     }
 
-    /// The GEMM rows of this convolution on NHWC input `data` of `x`'s geometry: channels
-    /// `[c0, c0 + cin)` of pixels `ld` apart.
-    fn rows<'a, T: sgemm::Elem>(&self, data: &'a [T], x: &View, (ld, c0): (usize, usize)) -> Rows<'a, T> {
+    /// The grid of its input, for an int8 convolution that can read u8 in place (whole k-steps:
+    /// `cin` a multiple of 4).
+    fn u8_grid(&self) -> Option<QGrid> {
+        match &self.w {
+            Weights::Int8 { x_scale, x_zero, .. } if self.cin.is_multiple_of(4) => Some((*x_scale, *x_zero)),
+            _ => None,
+        }
+    }
+
+    /// Whether it can write its output as u8 (int8, `cout` a multiple of 4).
+    fn emits_u8(&self) -> bool {
+        self.is_int8() && self.cout.is_multiple_of(4)
+    }
+
+    /// The GEMM rows of this convolution on an `h x w` NHWC input `data`: channels `[c0, c0 +
+    /// cin)` of pixels `ld` apart.
+    fn rows<'a, T: sgemm::Elem>(&self, data: &'a [T], hw: [usize; 2], (ld, c0): (usize, usize)) -> Rows<'a, T> {
         if self.is_pointwise() {
             Rows::Dense { data: &data[c0..], ld }
         } else {
@@ -323,52 +465,103 @@ impl Conv {
                 ld,
                 c0,
                 cin: self.cin.next_multiple_of(T::STEP),
-                hw: [x.h, x.w],
+                hw,
                 k: self.kernel,
                 stride: self.stride,
                 pad: self.pad,
-                out: self.out_hw(x.h, x.w).into(),
+                out: self.out_hw(hw[0], hw[1]).into(),
             }
         }
     }
 
     /// Run on `x`, writing channels `[off, off + cout)` of `dst` (row stride `ld`).
     pub(crate) fn run_into<'a>(&self, x: impl Into<View<'a>>, dst: &mut [f32], ld: usize, off: usize, mode: StoreMode) {
-        let x: View = x.into();
-        assert_eq!(x.c, self.cin, "input channels");
-        if let Some(p) = &self.probe {
+        self.run_to(In::F32(x.into()), Dst::F32 { data: dst, ld, off }, mode)
+    }
+
+    /// Run on `x` (u8 only on this convolution's grid) into `dst` (u8, stored only, for an int8
+    /// convolution).
+    pub(crate) fn run_to(&self, x: In, dst: Dst, mode: StoreMode) {
+        let (n, h, w, c) = x.dims();
+        assert_eq!(c, self.cin, "input channels");
+        if let (Some(p), In::F32(x)) = (&self.probe, x) {
             let stats = &mut *p.lock().unwrap_or_else(|e| e.into_inner());
             if x.ld == x.c { stats.observe(x.data) } else { stats.observe(&x.to_act().data) }
         }
-        let (oh, ow) = self.out_hw(x.h, x.w);
+        let (oh, ow) = self.out_hw(h, w);
         let bias = match &self.w {
             Weights::F32(_) => &self.b,
-            Weights::Winograd(wino) => return wino.run_into(x, dst, ld, off, &self.b, mode),
+            Weights::Winograd(wino) => {
+                let Dst::F32 { data, ld, off } = dst else { unreachable!("a Winograd convolution writes f32") };
+                return wino.run_into(x.f32(), data, ld, off, &self.b, mode);
+            }
             Weights::Int8 { bias, .. } => bias,
         };
         let epi = match mode {
             StoreMode::Store { relu } => sgemm::Epilogue { bias: Some(bias), alpha: 1.0, load: false, relu },
             StoreMode::Residual { scale, relu } => sgemm::Epilogue { bias: Some(bias), alpha: scale, load: true, relu },
         };
-        let m = x.n * oh * ow;
+        let m = n * oh * ow;
         match &self.w {
-            Weights::F32(w) => sgemm::gemm(m, self.rows(x.data, &x, (x.ld, x.c0)), w, dst, ld, off, epi),
+            Weights::F32(wt) => {
+                let (x, Dst::F32 { data, ld, off }) = (x.f32(), dst) else {
+                    unreachable!("an f32 convolution writes f32")
+                };
+                sgemm::gemm(m, self.rows(x.data, [h, w], (x.ld, x.c0)), wt, data, ld, off, epi)
+            }
             Weights::Winograd(_) => unreachable!("returned above"),
-            Weights::Int8 { w, cin4, x_scale, x_zero, col_scale, .. } => {
-                let q = quantize_u8(&x, *cin4, *x_scale, *x_zero);
-                sgemm::qgemm(m, self.rows(&q, &x, (*cin4, 0)), w, col_scale, dst, ld, off, epi);
-                buffers::give(q);
+            Weights::Int8 { w: wt, cin4, x_scale, x_zero, col_scale, .. } => {
+                let mut quantized = None;
+                let (data, ld, c0) = match x {
+                    In::U8(v, g) => {
+                        assert!(same_grid(g, (*x_scale, *x_zero)), "u8 input on another convolution's grid");
+                        (v.data, v.ld, v.c0)
+                    }
+                    In::F32(v) => (&quantized.insert(quantize_u8(&v, *cin4, *x_scale, *x_zero))[..], *cin4, 0),
+                };
+                let rows = self.rows(data, [h, w], (ld, c0));
+                match dst {
+                    Dst::F32 { data, ld, off } => sgemm::qgemm(m, rows, wt, col_scale, data, ld, off, epi),
+                    Dst::U8 { data, ld, off, grids } => {
+                        let (inv, zero) = (&grids.inv[off..off + self.cout], &grids.zero[off..off + self.cout]);
+                        let parts = [U8Part { col: 0, ld, base: off }];
+                        sgemm::qgemm_u8(m, rows, wt, col_scale, U8Out { dst: data, parts: &parts, inv, zero }, epi)
+                    }
+                    Dst::U8Slots { data, slots, grids } => {
+                        let parts: Vec<U8Part> =
+                            slots.iter().map(|&(o, c)| U8Part { col: o, ld: c, base: m * o }).collect();
+                        let out = U8Out { dst: data, parts: &parts, inv: &grids.inv, zero: &grids.zero };
+                        sgemm::qgemm_u8(m, rows, wt, col_scale, out, epi)
+                    }
+                }
+                quantized.into_iter().for_each(buffers::give);
+            }
+        }
+    }
+
+    /// Run on `x` into a new activation: u8 on `next` where given and it can.
+    fn run_carry(&self, x: In, next: Option<QGrid>) -> Carry {
+        let (n, h, w, _) = x.dims();
+        let (oh, ow) = self.out_hw(h, w);
+        let mode = StoreMode::Store { relu: self.relu };
+        match next.filter(|_| self.emits_u8()) {
+            Some(g) => {
+                let mut y = Act::<u8>::for_overwrite(n, oh, ow, self.cout);
+                let grids = ColGrids::of(g, self.cout);
+                self.run_to(x, Dst::U8 { data: &mut y.data, ld: self.cout, off: 0, grids: &grids }, mode);
+                Carry::U8(y, g)
+            }
+            None => {
+                let mut y = Act::for_overwrite(n, oh, ow, self.cout);
+                self.run_to(x, Dst::F32 { data: &mut y.data, ld: self.cout, off: 0 }, mode);
+                Carry::F32(y)
             }
         }
     }
 
     /// Run on `x` into a new activation.
     pub fn run<'a>(&self, x: impl Into<View<'a>>) -> Act {
-        let x: View = x.into();
-        let (oh, ow) = self.out_hw(x.h, x.w);
-        let mut y = Act::for_overwrite(x.n, oh, ow, self.cout);
-        self.run_into(x, &mut y.data, self.cout, 0, StoreMode::Store { relu: self.relu });
-        y
+        self.run_carry(In::F32(x.into()), None).into_f32()
     }
 }
 
@@ -525,55 +718,100 @@ impl Branch {
         (total, (h, w, c))
     }
 
-    /// Run on `x` (a slice of the merged 1x1's output is read in place).
-    fn run_into(&self, x: View, dst: &mut [f32], ld: usize, off: usize) {
-        if let [Op::AvgPool, Op::Conv(conv)] = &self.ops[..]
-            && self.tails.is_empty()
-            && conv.is_pointwise()
-            && conv.pad == [0, 0]
-        {
-            // The pool branch (Fig. 4, 7, 9, and Inception-ResNet-v2's stem): the 1x1 is linear
-            // and its bias a constant, which the mean keeps, so it runs first and the mean then
-            // averages its `cout` channels instead of the `cin` (4-8x fewer); only the ReLU
-            // waits for the mean. (Merged into the block's leading 1x1 GEMM instead, with the
-            // ReLU starting after its columns, it was no faster: BENCHMARKS.md.)
+    /// The pool branch (Fig. 4, 7, 9, and Inception-ResNet-v2's stem): its 1x1.
+    fn pool_1x1(&self) -> Option<&Conv> {
+        match &self.ops[..] {
+            [Op::AvgPool, Op::Conv(conv)] if self.tails.is_empty() && conv.is_pointwise() && conv.pad == [0, 0] => {
+                Some(conv)
+            }
+            _ => None,
+        }
+    }
+
+    /// The grid the branch reads u8 on, where its first convolution can (`None`: f32).
+    fn input_grid(&self) -> Option<QGrid> {
+        match self.ops.first() {
+            _ if self.pool_1x1().is_some() => None,
+            Some(Op::Conv(c)) => c.u8_grid(),
+            Some(_) => None,
+            None => tails_grid(&self.tails),
+        }
+    }
+
+    /// Whether its output can be u8 (its last convolutions can write it).
+    fn emits_u8(&self) -> bool {
+        match self.ops.last() {
+            _ if !self.tails.is_empty() => self.tails.iter().all(Conv::emits_u8),
+            _ if self.pool_1x1().is_some() => false,
+            Some(Op::Conv(c)) => c.emits_u8(),
+            _ => false,
+        }
+    }
+
+    /// Run on `x` (a slice of the merged 1x1's output is read in place) into `dst`; with `u8`,
+    /// a convolution followed by an int8 one hands it u8 on its grid.
+    fn run(&self, x: In, mut dst: Dst, u8: bool) {
+        if let Some(conv) = self.pool_1x1() {
+            // the 1x1 is linear and its bias a constant, which the mean keeps, so it runs first
+            // and the mean then averages its `cout` channels instead of the `cin` (4-8x fewer);
+            // only the ReLU waits for the mean. (Merged into the block's leading 1x1 GEMM
+            // instead, with the ReLU starting after its columns, it was no faster:
+            // BENCHMARKS.md.)
+            let Dst::F32 { data, ld, off } = dst else { unreachable!("the pool branch writes f32") };
+            let x = x.f32();
             let mut y = Act::for_overwrite(x.n, x.h, x.w, conv.cout);
             conv.run_into(x, &mut y.data, conv.cout, 0, StoreMode::Store { relu: false });
-            avg_pool_into(&y, dst, ld, off, conv.relu);
+            avg_pool_into(&y, data, ld, off, conv.relu);
             return y.recycle();
         }
         let last = if self.tails.is_empty() { self.ops.len() - 1 } else { self.ops.len() };
-        let mut tmp: Option<Act> = None;
-        for op in &self.ops[..last] {
-            let input = tmp.as_ref().map_or(x, Act::view);
+        let mut tmp: Option<Carry> = None;
+        for (i, op) in self.ops[..last].iter().enumerate() {
+            let input = tmp.as_ref().map_or(x, Carry::input);
             let y = match op {
-                Op::Conv(conv) => conv.run(input),
-                Op::AvgPool => avg_pool(input),
+                Op::Conv(conv) => {
+                    let next = match self.ops.get(i + 1) {
+                        Some(Op::Conv(c)) => c.u8_grid(),
+                        Some(_) => None,
+                        None => tails_grid(&self.tails),
+                    };
+                    conv.run_carry(input, next.filter(|_| u8))
+                }
+                Op::AvgPool => Carry::F32(avg_pool(input.f32())),
                 Op::MaxPool => {
+                    let input = input.f32();
                     let (oh, ow, c) = op.out_shape(input.h, input.w, input.c);
                     let mut y = Act::for_overwrite(input.n, oh, ow, c);
                     max_pool_into(input, &mut y.data, c, 0);
-                    y
+                    Carry::F32(y)
                 }
             };
-            tmp.replace(y).into_iter().for_each(Act::recycle);
+            tmp.replace(y).into_iter().for_each(Carry::recycle);
         }
-        let input = tmp.as_ref().map_or(x, Act::view);
+        let input = tmp.as_ref().map_or(x, Carry::input);
         if self.tails.is_empty() {
-            match &self.ops[last] {
-                Op::Conv(conv) => conv.run_into(input, dst, ld, off, StoreMode::Store { relu: conv.relu }),
-                Op::MaxPool => max_pool_into(input, dst, ld, off),
-                Op::AvgPool => unreachable!("no branch ends in an average pool"),
+            match (&self.ops[last], dst) {
+                (Op::Conv(conv), dst) => conv.run_to(input, dst, StoreMode::Store { relu: conv.relu }),
+                (Op::MaxPool, Dst::F32 { data, ld, off }) => max_pool_into(input.f32(), data, ld, off),
+                (Op::MaxPool, _) => unreachable!("a pool writes f32"),
+                (Op::AvgPool, _) => unreachable!("no branch ends in an average pool"),
             }
         } else {
-            let mut o = off;
+            let mut o = 0;
             for t in &self.tails {
-                t.run_into(input, dst, ld, o, StoreMode::Store { relu: t.relu });
+                t.run_to(input, dst.shifted(o), StoreMode::Store { relu: t.relu });
                 o += t.cout;
             }
         }
-        tmp.into_iter().for_each(Act::recycle);
+        tmp.into_iter().for_each(Carry::recycle);
     }
+}
+
+/// The grid the tails of a split branch read u8 on: all see the same input, so calibration
+/// gives them one grid; `None` where any cannot read u8.
+fn tails_grid(tails: &[Conv]) -> Option<QGrid> {
+    let g = tails.first()?.u8_grid()?;
+    tails.iter().all(|t| t.u8_grid().is_some_and(|h| same_grid(g, h))).then_some(g)
 }
 
 /// The branches' leading 1x1 convolutions merged into one, and each branch's
@@ -672,10 +910,99 @@ impl Block {
         (total, out)
     }
 
-    fn run(&self, x: Act) -> Act {
-        let merged_out = self.merged.as_ref().map(|m| m.conv.run(&x));
-        let inputs: Vec<Option<View>> = match (&self.merged, &merged_out) {
-            (Some(m), Some(h)) => m.slots.iter().map(|s| s.map(|(o, c)| h.slice(o, c))).collect(),
+    /// The grid this block reads u8 on, where it can: one branch (no merge, no residual) whose
+    /// first convolution can.
+    fn input_grid(&self) -> Option<QGrid> {
+        match &self.branches[..] {
+            [b] if self.merged.is_none() && self.residual.is_none() => b.input_grid(),
+            _ => None,
+        }
+    }
+
+    /// Run on `x`; with `u8`, int8 convolutions hand the int8 ones after them u8 on their grid
+    /// (the output too, on `next`, where this block's last convolution can write it).
+    fn run(&self, x: Carry, next: Option<QGrid>, u8: bool) -> Carry {
+        let [b] = &self.branches[..] else { return Carry::F32(self.run_branches(x.into_f32(), u8)) };
+        if self.merged.is_some() || self.residual.is_some() {
+            return Carry::F32(self.run_branches(x.into_f32(), u8));
+        }
+        let input = x.input();
+        let (n, h, w, c) = input.dims();
+        let (oh, ow, oc) = b.out_shape(h, w, c);
+        let y = match next.filter(|_| u8 && b.emits_u8()) {
+            Some(g) => {
+                let mut y = Act::<u8>::for_overwrite(n, oh, ow, oc);
+                let grids = ColGrids::of(g, oc);
+                b.run(input, Dst::U8 { data: &mut y.data, ld: oc, off: 0, grids: &grids }, u8);
+                Carry::U8(y, g)
+            }
+            None => {
+                let mut y = Act::for_overwrite(n, oh, ow, oc);
+                b.run(input, Dst::F32 { data: &mut y.data, ld: oc, off: 0 }, u8);
+                Carry::F32(y)
+            }
+        };
+        x.recycle();
+        y
+    }
+
+    /// The grids of the merged 1x1's columns when all its readers take u8 (`concat`: the grid
+    /// of the up-projection, which reads the slots of 1x1-only branches), else `None`.
+    fn merged_grids(&self, concat: Option<QGrid>) -> Option<(ColGrids, Vec<Option<QGrid>>)> {
+        let m = self.merged.as_ref().filter(|m| m.conv.emits_u8())?;
+        let (mut cols, mut slots) = (ColGrids::default(), Vec::new());
+        for (b, s) in self.branches.iter().zip(&m.slots) {
+            match s {
+                Some((_, ch)) => {
+                    let g = if b.ops.is_empty() && b.tails.is_empty() { concat? } else { b.input_grid()? };
+                    cols.push(g, *ch);
+                    slots.push(Some(g));
+                }
+                None => slots.push(None),
+            }
+        }
+        Some((cols, slots))
+    }
+
+    /// Several branches, concatenated, and the residual wrapper. With `u8`, the merged 1x1
+    /// writes u8 on its readers' grids, and in a residual block the branches write the
+    /// concatenation as u8 on the up-projection's grid, so only the block input (the f32
+    /// shortcut) is quantized.
+    fn run_branches(&self, x: Act, u8: bool) -> Act {
+        let empty = |b: &Branch| b.ops.is_empty() && b.tails.is_empty();
+        let up_grid = self.residual.as_ref().and_then(|r| r.up.u8_grid()).filter(|_| u8);
+        let mut concat = up_grid.filter(|_| self.branches.iter().all(|b| empty(b) || b.emits_u8()));
+        let mut merged_grids = self.merged_grids(concat).filter(|_| u8);
+        if concat.is_some() && merged_grids.is_none() && self.branches.iter().any(empty) {
+            // a 1x1-only branch's slot is f32: so is the concatenation
+            concat = None;
+            merged_grids = self.merged_grids(None).filter(|_| u8);
+        }
+        let merged_out = self.merged.as_ref().map(|m| match &merged_grids {
+            Some((cols, _)) => {
+                // each slot a dense map: the 3x3s after it read whole kernel rows in place
+                let slots: Vec<(usize, usize)> = m.slots.iter().flatten().copied().collect();
+                let mut y = Act::<u8>::for_overwrite(x.n, x.h, x.w, m.conv.cout);
+                let dst = Dst::U8Slots { data: &mut y.data, slots: &slots, grids: cols };
+                m.conv.run_to(In::F32(x.view()), dst, StoreMode::Store { relu: true });
+                Carry::U8(y, (1.0, 0))
+            }
+            None => Carry::F32(m.conv.run(&x)),
+        });
+        let inputs: Vec<Option<In>> = match (&self.merged, &merged_out) {
+            (Some(m), Some(Carry::F32(h))) => m.slots.iter().map(|s| s.map(|(o, c)| In::F32(h.slice(o, c)))).collect(),
+            (Some(m), Some(Carry::U8(q, _))) => {
+                let grids = &merged_grids.as_ref().expect("u8 merged output has grids").1;
+                let pixels = q.n * q.h * q.w;
+                let slot = |(o, c): (usize, usize)| View {
+                    data: &q.data[pixels * o..pixels * (o + c)],
+                    ld: c,
+                    c0: 0,
+                    c,
+                    ..q.view()
+                };
+                m.slots.iter().zip(grids).map(|(s, g)| s.zip(*g).map(|(s, g)| In::U8(slot(s), g))).collect()
+            }
             _ => vec![None; self.branches.len()],
         };
         let shapes: Vec<_> = self
@@ -683,39 +1010,54 @@ impl Block {
             .iter()
             .zip(&inputs)
             .map(|(b, i)| {
-                let src = i.unwrap_or(x.view());
-                b.out_shape(src.h, src.w, src.c)
+                let (_, h, w, c) = i.unwrap_or(In::F32(x.view())).dims();
+                b.out_shape(h, w, c)
             })
             .collect();
         let (oh, ow) = (shapes[0].0, shapes[0].1);
         let ctot: usize = shapes.iter().map(|s| s.2).sum();
-        let mut out = Act::for_overwrite(x.n, oh, ow, ctot);
+        let concat_grids = concat.map(|g| ColGrids::of(g, ctot));
+        let mut out = match concat {
+            Some(g) => Carry::U8(Act::for_overwrite(x.n, oh, ow, ctot), g),
+            None => Carry::F32(Act::for_overwrite(x.n, oh, ow, ctot)),
+        };
         let mut off = 0;
         for ((b, s), input) in self.branches.iter().zip(&shapes).zip(&inputs) {
-            match input {
+            let dst = match (&mut out, &concat_grids) {
+                (Carry::F32(o), _) => Dst::F32 { data: &mut o.data, ld: ctot, off },
+                (Carry::U8(o, _), Some(grids)) => Dst::U8 { data: &mut o.data, ld: ctot, off, grids },
+                (Carry::U8(..), None) => unreachable!("a u8 concatenation has grids"),
+            };
+            match (input, dst) {
                 // a branch that was only its 1x1: copy the slice into place
-                Some(i) if b.ops.is_empty() && b.tails.is_empty() => i.copy_into(&mut out.data, ctot, off),
-                Some(i) => b.run_into(*i, &mut out.data, ctot, off),
-                None => b.run_into(x.view(), &mut out.data, ctot, off),
+                (Some(In::F32(i)), Dst::F32 { data, .. }) if empty(b) => i.copy_into(data, ctot, off),
+                (Some(In::U8(i, _)), Dst::U8 { data, .. }) if empty(b) => i.copy_into(data, ctot, off),
+                (Some(i), dst) => b.run(*i, dst, u8),
+                (None, dst) => b.run(In::F32(x.view()), dst, u8),
             }
             off += s.2;
         }
-        merged_out.into_iter().for_each(Act::recycle);
+        merged_out.into_iter().for_each(Carry::recycle);
         let y = match &self.residual {
             None => {
                 x.recycle();
-                return out;
+                return out.into_f32();
             }
             Some(Residual { up, relu, shortcut: false, .. }) => {
-                let mut y = Act::for_overwrite(out.n, out.h, out.w, up.cout);
-                up.run_into(&out, &mut y.data, up.cout, 0, StoreMode::Store { relu: *relu });
+                let mut y = Act::for_overwrite(x.n, oh, ow, up.cout);
+                up.run_to(
+                    out.input(),
+                    Dst::F32 { data: &mut y.data, ld: up.cout, off: 0 },
+                    StoreMode::Store { relu: *relu },
+                );
                 x.recycle();
                 y
             }
             Some(Residual { up, scale, relu, shortcut: true }) => {
                 let mut x = x;
                 let c = x.c;
-                up.run_into(&out, &mut x.data, c, 0, StoreMode::Residual { scale: *scale, relu: *relu });
+                let mode = StoreMode::Residual { scale: *scale, relu: *relu };
+                up.run_to(out.input(), Dst::F32 { data: &mut x.data, ld: c, off: 0 }, mode);
                 x
             }
         };
@@ -779,9 +1121,17 @@ pub struct Engine {
     /// facenet's `last_linear` + `last_bn`, folded.
     pub(crate) bottleneck: Option<Dense>,
     pub(crate) classifier: Option<Dense>,
+    /// int8 convolutions hand u8 to the int8 convolutions after them (on by default; off, each
+    /// quantizes its f32 input itself, with the same result bit for bit).
+    pub(crate) u8_dataflow: bool,
 }
 
 impl Engine {
+    /// Turn the u8 dataflow between int8 convolutions on or off (A/B runs, tests).
+    pub fn set_u8_dataflow(&mut self, on: bool) {
+        self.u8_dataflow = on;
+    }
+
     /// How many convolutions run as Winograd, of all.
     pub fn winograd_count(&mut self) -> (usize, usize) {
         let convs = self.convs_mut();
@@ -916,17 +1266,20 @@ impl Engine {
     }
 
     /// Every block on one image; with `keep`, a copy of each `feature_info` stage's output.
-    fn blocks_on(&self, mut x: Act, keep: bool) -> Pass {
+    fn blocks_on(&self, x: Act, keep: bool) -> Pass {
         let mut taps = Vec::new();
+        let mut x = Carry::F32(x);
         for (j, b) in self.blocks.iter().enumerate() {
-            x = b.run(x);
-            if keep && self.stage_ends.contains(&j) {
-                taps.push(x.clone());
+            let tapped = keep && self.stage_ends.contains(&j);
+            let next = self.blocks.get(j + 1).and_then(Block::input_grid).filter(|_| self.u8_dataflow && !tapped);
+            x = b.run(x, next, self.u8_dataflow);
+            if let (true, Carry::F32(a)) = (tapped, &x) {
+                taps.push(a.clone());
             }
         }
         // the next pass may run on another thread: hold no buffers between passes
         buffers::clear();
-        (x, taps)
+        (x.into_f32(), taps)
     }
 
     /// Global average pool (+ facenet bottleneck): `[n, d]` row-major and `d`.

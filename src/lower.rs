@@ -156,5 +156,6 @@ pub fn lower(model: Model) -> Engine {
         stage_ends,
         bottleneck: bottleneck.map(|(l, bn)| dense(l, bn)),
         classifier: classifier.map(|l| dense(l, None)),
+        u8_dataflow: true,
     }
 }

@@ -11,8 +11,11 @@
 //!   one whose input is signed stays f32);
 //! - the sums are i32 (exact), dequantized in the GEMM's epilogue (`acc * x_scale * w_scale +
 //!   bias`), so bias, ReLU, the residual `x + scale * up` and the concatenations stay f32
-//!   exactly as in the f32 engine; each int8 convolution quantizes its input right before its
-//!   GEMM. Pools, the classifier and the facenet bottleneck stay f32.
+//!   exactly as in the f32 engine. An int8 convolution followed only by int8 convolutions
+//!   hands them u8 on their grid, quantized as its tiles leave the GEMM (along the stem, inside
+//!   branches, from the merged 1x1 to its branches, from the branches to a residual
+//!   up-projection); the others quantize their f32 input right before their GEMM, with the same
+//!   result bit for bit. Pools, the classifier and the facenet bottleneck stay f32.
 //!
 //! Files: `save` writes a self-describing safetensors file: the model's description, the
 //! quantization config, and per engine convolution `conv.{i}.weight_int8` `[kh*kw*cin4, cout]`,
@@ -31,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::{Act, Dense, Engine, Int8Tables, View};
 use crate::error::{Error, Result};
+use crate::sgemm::Grid;
 
 /// Metadata key of a quantized file.
 pub const META_QUANT: &str = "quantization";
@@ -188,10 +192,10 @@ pub(crate) fn quantize_u8(x: &View, c4: usize, scale: f32, zero: u8) -> Vec<u8> 
     let rows = (1usize << 15).div_ceil(c4);
     q.par_chunks_mut(c4 * rows).zip(x.data.par_chunks(ld * rows)).for_each(|(dst, src)| {
         if c == c4 && ld == c {
-            crate::sgemm::quantize_u8(src, dst, inv, z);
+            crate::sgemm::quantize_u8(src, dst, Grid::One(inv, z));
         } else {
             for (d, s) in dst.chunks_exact_mut(c4).zip(src.chunks_exact(ld)) {
-                crate::sgemm::quantize_u8(&s[x.c0..x.c0 + c], &mut d[..c], inv, z);
+                crate::sgemm::quantize_u8(&s[x.c0..x.c0 + c], &mut d[..c], Grid::One(inv, z));
                 d[c..].fill(0);
             }
         }

@@ -157,3 +157,35 @@ fn int8_embed_and_bench_run() {
         serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
     assert_eq!(v["config"]["precision"], "int8");
 }
+
+#[test]
+fn u8_dataflow_equals_quantizing_every_input_bit_for_bit() {
+    // int8 convolutions hand u8 straight to the int8 convolutions after them (inside branches,
+    // from the merged 1x1 to its branches, from the branches to a residual up-projection,
+    // along the stem); the result must be the one of each convolution quantizing its own f32
+    // input. Other widths leave channel counts that are not multiples of 4 (those stay f32),
+    // and `plain` drops the shortcut.
+    use inception::engine::Act;
+    use inception::models::{Model, ModelConfig, ModelKind};
+    let dev = Device::flex();
+    let cases = [
+        (ModelConfig::new(ModelKind::InceptionV4, 5), 75),
+        (ModelConfig::new(ModelKind::InceptionResnetV2, 5), 75),
+        (ModelConfig::new(ModelKind::InceptionResnetV1, 5), 80),
+        (ModelConfig { width: 0.37, ..ModelConfig::new(ModelKind::InceptionResnetV2, 5) }, 75),
+        (ModelConfig { width: 0.5, plain: true, ..ModelConfig::new(ModelKind::InceptionResnetV1Paper, 5) }, 75),
+    ];
+    for (cfg, size) in cases {
+        let mut e = inception::lower::lower(common::deterministic(Model::new(&cfg, &dev)));
+        let shape = [2, 3, size, size];
+        let x: Vec<f32> =
+            common::det_uniform("quant.flow", shape.iter().product()).iter().map(|v| (v * 2.0 - 1.0) as f32).collect();
+        let x = Act::from_nchw(&x, shape);
+        inception::quant::quantize_engine(&mut e, &mut std::iter::once(x.clone()), 99.9, &mut || {}).unwrap();
+        let a = e.forward_features(x.clone());
+        e.set_u8_dataflow(false);
+        let b = e.forward_features(x);
+        assert!(a.data.iter().any(|v| *v != 0.0), "{} output is all zeros", cfg.model);
+        assert_eq!(a.data, b.data, "{} width {}", cfg.model, cfg.width);
+    }
+}

@@ -6,7 +6,7 @@
 //! scratch tile.
 
 use super::portable::dequantize;
-use super::{Kernel, MR, NR, Seg, TileEpi, store_tile};
+use super::{Grid, Kernel, MR, NR, Seg, TileEpi, store_tile};
 use std::arch::x86_64::*;
 
 /// 12 independent FMA chains, `iters` rounds (the peak probe).
@@ -35,11 +35,19 @@ pub(super) unsafe fn fma_loop(iters: usize) -> f32 {
 /// # Safety
 /// AVX2 available.
 #[target_feature(enable = "avx2")]
-pub(super) unsafe fn quantize_u8(src: &[f32], dst: &mut [u8], inv: f32, zero: f32) {
+pub(super) unsafe fn quantize_u8(src: &[f32], dst: &mut [u8], g: Grid<'_>) {
     let n8 = src.len() / 8 * 8;
     unsafe {
-        let (s, z, lo, hi) = (_mm256_set1_ps(inv), _mm256_set1_ps(zero), _mm256_setzero_ps(), _mm256_set1_ps(255.0));
+        let (lo, hi) = (_mm256_setzero_ps(), _mm256_set1_ps(255.0));
+        let one = match g {
+            Grid::One(inv, zero) => (_mm256_set1_ps(inv), _mm256_set1_ps(zero)),
+            Grid::Cols(..) => (lo, lo),
+        };
         for i in (0..n8).step_by(8) {
+            let (s, z) = match g {
+                Grid::One(..) => one,
+                Grid::Cols(inv, zero) => (_mm256_loadu_ps(inv.as_ptr().add(i)), _mm256_loadu_ps(zero.as_ptr().add(i))),
+            };
             let y = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(src.as_ptr().add(i)), s), z);
             let y = _mm256_min_ps(_mm256_max_ps(y, lo), hi);
             let v = _mm256_cvtps_epi32(y);
@@ -49,7 +57,7 @@ pub(super) unsafe fn quantize_u8(src: &[f32], dst: &mut [u8], inv: f32, zero: f3
             _mm_storel_epi64(dst.as_mut_ptr().add(i).cast(), b);
         }
     }
-    super::portable::quantize_u8(&src[n8..], &mut dst[n8..], inv, zero);
+    super::portable::quantize_u8(&src[n8..], &mut dst[n8..], g.from(n8));
 }
 
 /// `y = act(load·C + alpha·v)` stored to 8 floats at `p`.
@@ -100,7 +108,7 @@ impl Kernel for F32 {
                 f32_kernel(segs, b.cast(), c, ldc, &bias, e);
             } else {
                 let mut acc = [0.0f32; MR * NR];
-                let raw = TileEpi { bias: None, scale: None, alpha: 1.0, load: false, relu: false };
+                let raw = TileEpi { bias: None, scale: None, alpha: 1.0, load: false, relu: false, u8: None };
                 f32_kernel(segs, b.cast(), acc.as_mut_ptr(), NR, &bias, &raw);
                 store_tile(&acc, NR, c, ldc, rows, cols, e);
             }

@@ -5,7 +5,7 @@
 //! computed (their row pointers repeat a valid row) but never stored, columns past `cols` are
 //! masked.
 
-use super::{Kernel, NR, Seg, TileEpi};
+use super::{Grid, Kernel, NR, Seg, TileEpi};
 use std::arch::x86_64::*;
 
 /// 12 independent 16-lane FMA chains, `iters` rounds (the peak probe).
@@ -31,18 +31,77 @@ pub(super) unsafe fn fma_loop(iters: usize) -> f32 {
 /// # Safety
 /// AVX-512F available.
 #[target_feature(enable = "avx512f")]
-pub(super) unsafe fn quantize_u8(src: &[f32], dst: &mut [u8], inv: f32, zero: f32) {
+pub(super) unsafe fn quantize_u8(src: &[f32], dst: &mut [u8], g: Grid<'_>) {
     let n16 = src.len() / 16 * 16;
     unsafe {
-        let (s, z, lo, hi) = (_mm512_set1_ps(inv), _mm512_set1_ps(zero), _mm512_setzero_ps(), _mm512_set1_ps(255.0));
+        let (lo, hi) = (_mm512_setzero_ps(), _mm512_set1_ps(255.0));
+        let one = match g {
+            Grid::One(inv, zero) => (_mm512_set1_ps(inv), _mm512_set1_ps(zero)),
+            Grid::Cols(..) => (lo, lo),
+        };
         for i in (0..n16).step_by(16) {
+            let (s, z) = match g {
+                Grid::One(..) => one,
+                Grid::Cols(inv, zero) => (_mm512_loadu_ps(inv.as_ptr().add(i)), _mm512_loadu_ps(zero.as_ptr().add(i))),
+            };
             let y = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(src.as_ptr().add(i)), s), z);
             let y = _mm512_min_ps(_mm512_max_ps(y, lo), hi);
             let b = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(y));
             _mm_storeu_si128(dst.as_mut_ptr().add(i).cast(), b);
         }
     }
-    super::portable::quantize_u8(&src[n16..], &mut dst[n16..], inv, zero);
+    super::portable::quantize_u8(&src[n16..], &mut dst[n16..], g.from(n16));
+}
+
+/// [`super::quantize_u8`] of a `rows x cols` f32 tile on per-column grids (`inv`, `zero`),
+/// 16 columns at a time, the last ones masked.
+///
+/// # Safety
+/// AVX-512F available; the pointers valid for the tile (`cols` grid values).
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn quantize_tile(
+    src: *const f32,
+    lds: usize,
+    rows: usize,
+    cols: usize,
+    dst: *mut u8,
+    ldd: usize,
+    inv: *const f32,
+    zero: *const f32,
+) {
+    unsafe {
+        let (lo, hi) = (_mm512_setzero_ps(), _mm512_set1_ps(255.0));
+        for j in (0..cols).step_by(16) {
+            let mask: __mmask16 = if cols - j >= 16 { !0 } else { (1 << (cols - j)) - 1 };
+            let (s, z) = (_mm512_maskz_loadu_ps(mask, inv.add(j)), _mm512_maskz_loadu_ps(mask, zero.add(j)));
+            for i in 0..rows {
+                let y = _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, src.add(i * lds + j)), s), z);
+                let y = _mm512_min_ps(_mm512_max_ps(y, lo), hi);
+                store_u8(dst.add(i * ldd + j), cols - j, _mm512_cvtps_epi32(y));
+            }
+        }
+    }
+}
+
+/// The low bytes of the first `valid` (<= 16) lanes of `v` to `p` (the masked store of
+/// `vpmovdb` is several times slower on Zen 4 than the register form and a plain store).
+///
+/// # Safety
+/// AVX-512F available; `p` valid for `valid.min(16)` bytes.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn store_u8(p: *mut u8, valid: usize, v: __m512i) {
+    unsafe {
+        let b = _mm512_cvtepi32_epi8(v);
+        if valid >= 16 {
+            _mm_storeu_si128(p.cast(), b);
+        } else {
+            let mut t = [0u8; 16];
+            _mm_storeu_si128(t.as_mut_ptr().cast(), b);
+            std::ptr::copy_nonoverlapping(t.as_ptr(), p, valid);
+        }
+    }
 }
 
 /// f32, up to 4 panels per call.
@@ -138,6 +197,7 @@ pub(super) struct Q8;
 impl Kernel for Q8 {
     type A = u8;
     const PANELS: usize = 4;
+    const STORES_U8: bool = true;
 
     unsafe fn tile(
         self,
@@ -294,7 +354,21 @@ impl Store<'_, '_> {
                 if self.e.relu {
                     y = _mm512_max_ps(y, _mm512_setzero_ps());
                 }
-                _mm512_mask_storeu_ps(p, mask, y);
+                match &self.e.u8 {
+                    None => _mm512_mask_storeu_ps(p, mask, y),
+                    // the u8 of the next convolution instead: `quantize_u8` of `y`
+                    Some(u) => {
+                        let (s, z) = (
+                            _mm512_maskz_loadu_ps(mask, u.inv.add(16 * q)),
+                            _mm512_maskz_loadu_ps(mask, u.zero.add(16 * q)),
+                        );
+                        let y = _mm512_min_ps(
+                            _mm512_max_ps(_mm512_add_ps(_mm512_mul_ps(y, s), z), _mm512_setzero_ps()),
+                            _mm512_set1_ps(255.0),
+                        );
+                        store_u8(u.dst[q].add(i * u.ld[q]), valid, _mm512_cvtps_epi32(y));
+                    }
+                }
             }
         }
     }

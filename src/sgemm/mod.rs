@@ -1,6 +1,8 @@
 //! GEMMs of the frozen engine, `C = act(load·C + alpha·(A·B·scale + bias))` with `C` f32, the
 //! weights `B` packed once at load time, and two element types: f32 (`gemm`) and
-//! uint8 activations x int8 weights with i32 accumulation (`qgemm`, the int8 engine).
+//! uint8 activations x int8 weights with i32 accumulation (`qgemm`, the int8 engine; `qgemm_u8`
+//! stores its result as the next convolution's u8 input instead, quantized in the VNNI
+//! kernel's store or, elsewhere, as each tile leaves the kernel).
 //!
 //! `B` (`[k, n]`, the convolution weights) is stored as panels of `NR` = 16 columns. A k-step
 //! of a panel is one 64-byte line: 16 floats (f32), or 16 columns x 4 consecutive k of int8
@@ -616,7 +618,8 @@ pub struct Epilogue<'a> {
 }
 
 /// One tile's epilogue: `C = act(load·C + alpha·(acc·scale + bias))` (`scale`: int8 only), with
-/// `bias` and `scale` sliced to the tile's columns.
+/// `bias` and `scale` sliced to the tile's columns; with `u8` (kernels with
+/// [`Kernel::STORES_U8`] only), the result goes to u8 instead of C.
 #[derive(Clone, Copy, Debug)]
 pub struct TileEpi<'a> {
     pub bias: Option<&'a [f32]>,
@@ -624,6 +627,17 @@ pub struct TileEpi<'a> {
     pub alpha: f32,
     pub load: bool,
     pub relu: bool,
+    pub u8: Option<TileU8>,
+}
+
+/// A tile's u8 destination: per 16-column panel `q` of the tile, row 0 at `dst[q]`, rows
+/// `ld[q]` apart; the grids of the tile's columns at `inv` and `zero`.
+#[derive(Clone, Copy, Debug)]
+pub struct TileU8 {
+    pub dst: [*mut u8; 4],
+    pub ld: [usize; 4],
+    pub inv: *const f32,
+    pub zero: *const f32,
 }
 
 /// A micro-kernel: one `rows x cols` (<= 6 x 16·PANELS) tile of C.
@@ -631,6 +645,8 @@ pub trait Kernel: Copy + Send + Sync {
     type A: Elem;
     /// 16-column panels one call covers.
     const PANELS: usize;
+    /// Whether the kernel stores u8 itself ([`TileEpi::u8`]).
+    const STORES_U8: bool = false;
 
     /// # Safety
     /// The CPU has the kernel's instruction set; every segment's pointers are valid for `run`
@@ -673,15 +689,132 @@ unsafe fn store_tile(acc: &[f32], lda: usize, c: *mut f32, ldc: usize, rows: usi
 }
 
 /// A raw pointer to the output, shared by tasks that write disjoint tiles.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
+struct Out<T>(*mut T);
 // SAFETY: every task writes a disjoint set of (row, column) cells.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
+unsafe impl<T> Send for Out<T> {}
+unsafe impl<T> Sync for Out<T> {}
 
-impl Out {
-    fn at(self, offset: usize) -> *mut f32 {
+impl<T> Clone for Out<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Out<T> {}
+
+impl<T> Out<T> {
+    fn at(self, offset: usize) -> *mut T {
         self.0.wrapping_add(offset)
+    }
+}
+
+/// Where an int8 GEMM's results go as u8, on the grid of the convolutions that read them
+/// (see [`qgemm_u8`]): column `j` of row `r`, in the part whose first column is the last at or
+/// below `j`, to `dst[base + r * ld + j - col]`, quantized on `(inv[j], zero[j])`. One part
+/// is a channel slice of an NHWC map; one per group of columns lays each group out as its own
+/// dense map (the merged 1x1's slots, each then read as a dense input).
+pub struct U8Out<'a> {
+    pub dst: &'a mut [u8],
+    pub parts: &'a [U8Part],
+    pub inv: &'a [f32],
+    pub zero: &'a [f32],
+}
+
+/// A part of a [`U8Out`]: its first column, row stride and where its row 0 starts.
+#[derive(Clone, Copy, Debug)]
+pub struct U8Part {
+    pub col: usize,
+    pub ld: usize,
+    pub base: usize,
+}
+
+/// Quantizes a `rows x cols` f32 tile (row stride `lds`) into u8 (row stride `ldd`) on per-column
+/// grids; `unsafe`: every pointer valid for the tile.
+type QuantizeTile = unsafe fn(*const f32, usize, usize, usize, *mut u8, usize, *const f32, *const f32);
+
+/// [`QuantizeTile`] row by row with [`quantize_u8`].
+///
+/// # Safety
+/// As [`QuantizeTile`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn quantize_tile_rows(
+    src: *const f32,
+    lds: usize,
+    rows: usize,
+    cols: usize,
+    dst: *mut u8,
+    ldd: usize,
+    inv: *const f32,
+    zero: *const f32,
+) {
+    // SAFETY: the caller's pointers are valid for the tile and its columns' grids.
+    unsafe {
+        let g = Grid::Cols(std::slice::from_raw_parts(inv, cols), std::slice::from_raw_parts(zero, cols));
+        for i in 0..rows {
+            let v = std::slice::from_raw_parts(src.add(i * lds), cols);
+            quantize_u8(v, std::slice::from_raw_parts_mut(dst.add(i * ldd), cols), g);
+        }
+    }
+}
+
+/// [`U8Out`] as the tasks share it.
+#[derive(Clone, Copy)]
+struct Sink<'a> {
+    dst: Out<u8>,
+    parts: &'a [U8Part],
+    inv: &'a [f32],
+    zero: &'a [f32],
+    quantize: QuantizeTile,
+}
+
+impl Sink<'_> {
+    /// The u8 destination of the tile at rows `r0..`, columns `j0..j0 + cols`, for a kernel that
+    /// stores it: where each of its 16-column panels lies inside one part.
+    fn tile(&self, r0: usize, j0: usize, cols: usize) -> Option<TileU8> {
+        let mut t = TileU8 {
+            dst: [std::ptr::null_mut(); 4],
+            ld: [0; 4],
+            inv: self.inv[j0..].as_ptr(),
+            zero: self.zero[j0..].as_ptr(),
+        };
+        for q in 0..cols.div_ceil(NR) {
+            let (a, b) = (j0 + q * NR, (j0 + cols).min(j0 + q * NR + NR));
+            let i = self.parts.partition_point(|p| p.col <= a) - 1;
+            if self.parts.get(i + 1).is_some_and(|next| next.col < b) {
+                return None;
+            }
+            let p = self.parts[i];
+            (t.dst[q], t.ld[q]) = (self.dst.at(p.base + r0 * p.ld + a - p.col), p.ld);
+        }
+        Some(t)
+    }
+
+    /// Quantize the f32 tile at `t` (row stride `ldt`), rows `r0..r0 + rows` and columns `j0..j0
+    /// + cols` of the GEMM, into the parts.
+    ///
+    /// # Safety
+    /// `t` holds the tile; the cells are inside the output (checked by `qgemm_u8`) and the
+    /// caller's alone.
+    unsafe fn store(&self, t: *const f32, ldt: usize, r0: usize, rows: usize, j0: usize, cols: usize) {
+        for (i, p) in self.parts.iter().enumerate() {
+            let end = self.parts.get(i + 1).map_or(usize::MAX, |q| q.col);
+            let (a, b) = (j0.max(p.col), (j0 + cols).min(end));
+            if a < b {
+                // SAFETY: as the caller promises; `a..b` lies inside the tile and the part.
+                unsafe {
+                    let d = self.dst.at(p.base + r0 * p.ld + a - p.col);
+                    (self.quantize)(
+                        t.add(a - j0),
+                        ldt,
+                        rows,
+                        b - a,
+                        d,
+                        p.ld,
+                        self.inv.as_ptr().add(a),
+                        self.zero.as_ptr().add(a),
+                    );
+                }
+            }
+        }
     }
 }
 
@@ -718,13 +851,13 @@ pub fn gemm(m: usize, a: Rows<'_>, b: &PackedB, c: &mut [f32], ldc: usize, c0: u
 #[allow(clippy::too_many_arguments)]
 fn gemm_on(isa: Isa, m: usize, a: Rows<'_>, b: &PackedB, c: &mut [f32], ldc: usize, c0: usize, epi: Epilogue<'_>) {
     match isa {
-        Isa::Portable => drive(portable::F32, m, a, &b.0, None, c, ldc, c0, epi),
+        Isa::Portable => drive(portable::F32, m, a, &b.0, None, c, ldc, c0, epi, None),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => drive(avx2::F32, m, a, &b.0, None, c, ldc, c0, epi),
+        Isa::Avx2 => drive(avx2::F32, m, a, &b.0, None, c, ldc, c0, epi, None),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => drive(avx512::F32, m, a, &b.0, None, c, ldc, c0, epi),
+        Isa::Avx512 => drive(avx512::F32, m, a, &b.0, None, c, ldc, c0, epi, None),
         #[cfg(not(target_arch = "x86_64"))]
-        _ => drive(portable::F32, m, a, &b.0, None, c, ldc, c0, epi),
+        _ => drive(portable::F32, m, a, &b.0, None, c, ldc, c0, epi, None),
     }
 }
 
@@ -754,16 +887,16 @@ pub fn qgemm(
     assert!(col_scale.len() >= b.n(), "column scales shorter than n");
     let s = Some(col_scale);
     match b.isa {
-        QIsa::Portable => drive(portable::Q8, m, a, &b.p, s, c, ldc, c0, epi),
+        QIsa::Portable => drive(portable::Q8, m, a, &b.p, s, c, ldc, c0, epi, None),
         #[cfg(target_arch = "x86_64")]
-        QIsa::Avx2 if b.pairs => drive(avx2::Q8::<true>, m, a, &b.p, s, c, ldc, c0, epi),
+        QIsa::Avx2 if b.pairs => drive(avx2::Q8::<true>, m, a, &b.p, s, c, ldc, c0, epi, None),
         #[cfg(target_arch = "x86_64")]
-        QIsa::Avx2 => drive(avx2::Q8::<false>, m, a, &b.p, s, c, ldc, c0, epi),
+        QIsa::Avx2 => drive(avx2::Q8::<false>, m, a, &b.p, s, c, ldc, c0, epi, None),
         #[cfg(target_arch = "x86_64")]
-        QIsa::Avx512Vnni => drive(avx512::Q8, m, a, &b.p, s, c, ldc, c0, epi),
+        QIsa::Avx512Vnni => drive(avx512::Q8, m, a, &b.p, s, c, ldc, c0, epi, None),
         #[cfg(target_arch = "x86_64")]
         QIsa::Amx => {
-            if checked(m, &a, &b.p, c, ldc, c0, &epi) {
+            if checked(m, &a, &b.p, Some(c), ldc, c0, &epi) {
                 let t0 = profiling().then(std::time::Instant::now);
                 // SAFETY: the kernel is one of the CPU's (`b.isa` came from
                 // `QIsa::available`); the shapes are checked above.
@@ -772,8 +905,62 @@ pub fn qgemm(
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        _ => drive(portable::Q8, m, a, &b.p, s, c, ldc, c0, epi),
+        _ => drive(portable::Q8, m, a, &b.p, s, c, ldc, c0, epi, None),
     }
+}
+
+/// [`qgemm`] with its results stored as u8 (`quantize_u8` of what `qgemm` would store, bit for
+/// bit) into `out` instead of f32: the input of the next int8 convolutions, which then read it
+/// as it is. Each tile is quantized as it leaves the kernel (from an L1 tile, or from an f32
+/// scratch `C` where the sum spans several k-blocks), so the f32 output never reaches memory.
+/// `epi.load` must be false.
+pub fn qgemm_u8(m: usize, a: Rows<'_, u8>, b: &PackedQ, col_scale: &[f32], out: U8Out<'_>, epi: Epilogue<'_>) {
+    assert!(!epi.load, "a u8 output cannot be accumulated into");
+    assert!(col_scale.len() >= b.n(), "column scales shorter than n");
+    let n = b.n();
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(out.inv.len() >= n && out.zero.len() >= n, "grids shorter than n");
+    assert!(out.parts.first().is_some_and(|p| p.col == 0), "the first part starts at column 0");
+    for (i, p) in out.parts.iter().enumerate() {
+        let end = out.parts.get(i + 1).map_or(n, |q| q.col);
+        assert!(p.col <= end && end <= n && end - p.col <= p.ld, "u8 parts out of order or overlapping");
+        assert!(out.dst.len() >= p.base + (m - 1) * p.ld + end - p.col, "u8 output too small for the GEMM");
+    }
+    let quantize: QuantizeTile = match b.isa {
+        // SAFETY (of the call through it): VNNI implies AVX-512F and BW
+        #[cfg(target_arch = "x86_64")]
+        QIsa::Avx512Vnni => avx512::quantize_tile,
+        _ => quantize_tile_rows,
+    };
+    let sink = Sink { dst: Out(out.dst.as_mut_ptr()), parts: out.parts, inv: out.inv, zero: out.zero, quantize };
+    let one_block = b.p.steps <= b.p.kc;
+    let s = Some(col_scale);
+    let mut c: Vec<f32> = if one_block && b.isa != QIsa::Amx { Vec::new() } else { crate::buffers::take(m * n) };
+    match b.isa {
+        QIsa::Portable => drive(portable::Q8, m, a, &b.p, s, &mut c, n, 0, epi, Some(sink)),
+        #[cfg(target_arch = "x86_64")]
+        QIsa::Avx2 if b.pairs => drive(avx2::Q8::<true>, m, a, &b.p, s, &mut c, n, 0, epi, Some(sink)),
+        #[cfg(target_arch = "x86_64")]
+        QIsa::Avx2 => drive(avx2::Q8::<false>, m, a, &b.p, s, &mut c, n, 0, epi, Some(sink)),
+        #[cfg(target_arch = "x86_64")]
+        QIsa::Avx512Vnni => drive(avx512::Q8, m, a, &b.p, s, &mut c, n, 0, epi, Some(sink)),
+        // the AMX path stores f32 tiles of its own: quantize its output after it
+        #[cfg(target_arch = "x86_64")]
+        QIsa::Amx => {
+            qgemm(m, a, b, col_scale, &mut c, n, 0, epi);
+            let src = Out(c.as_mut_ptr());
+            (0..m.div_ceil(MC)).into_par_iter().for_each(|t| {
+                let (r0, rows) = (t * MC, MC.min(m - t * MC));
+                // SAFETY: `c` holds `m x n` floats; the tasks' rows are disjoint.
+                unsafe { sink.store(src.at(r0 * n), n, r0, rows, 0, n) };
+            });
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => drive(portable::Q8, m, a, &b.p, s, &mut c, n, 0, epi, Some(sink)),
+    }
+    crate::buffers::give(c);
 }
 
 /// The GEMM driver: row tiles x column chunks as tasks, each sweeping the k-blocks.
@@ -788,15 +975,18 @@ fn drive<K: Kernel>(
     ldc: usize,
     c0: usize,
     epi: Epilogue<'_>,
+    sink: Option<Sink<'_>>,
 ) {
     let step = K::A::STEP;
     let (k, n) = (b.steps * step, b.n);
-    if !checked(m, &a, b, c, ldc, c0, &epi) {
+    let kc = b.kc;
+    let nkb = b.steps.div_ceil(kc);
+    // a u8 result of one k-block leaves the kernel through an L1 tile, without C
+    let direct = sink.is_some() && nkb == 1;
+    if !checked(m, &a, b, (!direct).then_some(&*c), ldc, c0, &epi) {
         return;
     }
     let t0 = profiling().then(std::time::Instant::now);
-    let kc = b.kc;
-    let nkb = b.steps.div_ceil(kc);
     let plan = Plan::new(m, n.div_ceil(NR), MR, MC);
     let out = Out(c.as_mut_ptr());
     let lines = b.data.bytes();
@@ -805,6 +995,7 @@ fn drive<K: Kernel>(
         SCRATCH.with(|scratch| {
             let scratch = &mut *scratch.borrow_mut();
             let strips = (r1 - r0).div_ceil(MR);
+            let mut tile = [0.0f32; MR * 4 * NR];
             for kb in 0..nkb {
                 let s0 = kb * kc;
                 let kcb = kc.min(b.steps - s0);
@@ -842,20 +1033,30 @@ fn drive<K: Kernel>(
                 }
                 scratch.starts.push(scratch.segs.len());
                 // panels [p, p + np) for strip st
-                let run = |(p, np): (usize, usize), st: usize| {
+                let mut run = |(p, np): (usize, usize), st: usize| {
                     let line = b.slice(s0, kcb, p);
                     let bp = &lines[line * 64..][..np * kcb * 64];
                     let (j0, cols) = (p * NR, (np * NR).min(n - p * NR));
-                    let e = TileEpi::of_block(&epi, scale, j0, cols, kb, nkb);
+                    let mut e = TileEpi::of_block(&epi, scale, j0, cols, kb, nkb);
                     let rows = MR.min(r1 - r0 - st * MR);
+                    let ra = r0 + st * MR;
+                    // the kernel stores the u8 result itself where it can; else it leaves the
+                    // kernel as f32 and is quantized below
+                    let last = sink.filter(|_| kb == nkb - 1);
+                    e.u8 = last.filter(|_| K::STORES_U8).and_then(|s| s.tile(ra, j0, cols));
+                    let quantize_after = last.filter(|_| e.u8.is_none());
                     let segs = &scratch.segs[scratch.starts[st]..scratch.starts[st + 1]];
+                    let (cp, ldt) =
+                        if direct { (tile.as_mut_ptr(), 4 * NR) } else { (out.at(ra * ldc + c0 + j0), ldc) };
                     // SAFETY: the kernel was chosen among the CPU's; the segments' pointers are
                     // valid for their runs (they point into `a`'s data, the gathered rows or the
                     // zeros, all alive for this call); rows/cols of this tile are inside C
-                    // (asserted above) and no other task writes them.
-                    unsafe {
-                        let cp = out.at((r0 + st * MR) * ldc + c0 + j0);
-                        kern.tile(segs, bp.as_ptr(), kcb * 64, cp, ldc, rows, cols, &e);
+                    // (asserted above) or the task's own L1 tile, and no other task writes them.
+                    unsafe { kern.tile(segs, bp.as_ptr(), kcb * 64, cp, ldt, rows, cols, &e) };
+                    if let Some(s) = quantize_after {
+                        // SAFETY: the kernel just stored this tile at `cp`; its u8 cells are
+                        // inside the sink (checked by `qgemm_u8`) and this task's alone.
+                        unsafe { s.store(cp, ldt, ra, rows, j0, cols) };
                     }
                 };
                 let group = K::PANELS;
@@ -879,7 +1080,7 @@ fn checked<T: Elem>(
     m: usize,
     a: &Rows<'_, T>,
     b: &Panels,
-    c: &[f32],
+    c: Option<&[f32]>,
     ldc: usize,
     c0: usize,
     epi: &Epilogue<'_>,
@@ -888,7 +1089,9 @@ fn checked<T: Elem>(
     if m == 0 || n == 0 {
         return false;
     }
-    assert!(c0 + n <= ldc && c.len() >= (m - 1) * ldc + c0 + n, "output too small for the GEMM");
+    if let Some(c) = c {
+        assert!(c0 + n <= ldc && c.len() >= (m - 1) * ldc + c0 + n, "output too small for the GEMM");
+    }
     if let Some(bias) = epi.bias {
         assert!(bias.len() >= n, "bias shorter than n");
     }
@@ -963,22 +1166,44 @@ impl<'a> TileEpi<'a> {
             alpha: epi.alpha,
             load: epi.load || kb > 0,
             relu: epi.relu && kb == nkb - 1,
+            u8: None,
         }
     }
 }
 
-/// `dst[i] = clamp(round(src[i] * inv) + zero, 0, 255)`, round half to even (the activations
-/// of the int8 GEMM; `zero` a whole number).
-pub fn quantize_u8(src: &[f32], dst: &mut [u8], inv: f32, zero: f32) {
+/// The u8 grid of [`quantize_u8`]: one `(1 / scale, zero)` for every value, or one per column
+/// (`inv[j]`, `zero[j]`: a merged GEMM's columns feed convolutions on different grids).
+#[derive(Clone, Copy, Debug)]
+pub enum Grid<'a> {
+    One(f32, f32),
+    Cols(&'a [f32], &'a [f32]),
+}
+
+impl<'a> Grid<'a> {
+    /// The grid of columns `j0..` (the same for `One`).
+    fn from(self, j0: usize) -> Self {
+        match self {
+            Grid::One(..) => self,
+            Grid::Cols(inv, zero) => Grid::Cols(&inv[j0..], &zero[j0..]),
+        }
+    }
+}
+
+/// `dst[i] = clamp(round(src[i] * inv + zero), 0, 255)`, round half to even (the activations
+/// of the int8 GEMM; `zero` a whole number); `inv` and `zero` per value `i` for `Grid::Cols`.
+pub fn quantize_u8(src: &[f32], dst: &mut [u8], g: Grid<'_>) {
     assert_eq!(src.len(), dst.len(), "quantize: lengths differ");
+    if let Grid::Cols(inv, zero) = g {
+        assert!(inv.len() >= src.len() && zero.len() >= src.len(), "quantize: grid shorter than the values");
+    }
     match Isa::detect() {
-        // SAFETY: AVX-512F present.
+        // SAFETY: AVX-512F present; the grid's columns cover `src` (asserted).
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { avx512::quantize_u8(src, dst, inv, zero) },
-        // SAFETY: AVX2 present.
+        Isa::Avx512 => unsafe { avx512::quantize_u8(src, dst, g) },
+        // SAFETY: AVX2 present; as above.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { avx2::quantize_u8(src, dst, inv, zero) },
-        _ => portable::quantize_u8(src, dst, inv, zero),
+        Isa::Avx2 => unsafe { avx2::quantize_u8(src, dst, g) },
+        _ => portable::quantize_u8(src, dst, g),
     }
 }
 
@@ -1127,6 +1352,8 @@ mod tests {
             // AMX: whole 16-row tiles of a 1x1 loaded with their stride, and a 17-step k-block
             (3, 256, 8, 8, 1, 1, 1, [0, 0], 50),
             (1, 68, 6, 6, 1, 1, 1, [0, 0], 24),
+            // a 1x1 with k = 2080 over two int8 k-blocks (a u8 result from the f32 scratch)
+            (1, 2080, 3, 4, 1, 1, 1, [0, 0], 40),
         ] {
             let (oh, ow) = ((h + 2 * pad[0] - kh) / s + 1, (w + 2 * pad[1] - kw) / s + 1);
             let m = m_img * oh * ow;
@@ -1169,8 +1396,9 @@ mod tests {
                     let mut got = vec![0.0f32; m * n];
                     qgemm(m, rows, &pq, pq.scale(), &mut got, n, 0, epi);
                     let mut port = vec![0.0f32; m * n];
-                    drive(portable::Q8, m, rows, &pq.p, Some(pq.scale()), &mut port, n, 0, epi);
+                    drive(portable::Q8, m, rows, &pq.p, Some(pq.scale()), &mut port, n, 0, epi, None);
                     assert_eq!(got, port, "{isa:?} differs from the portable kernel");
+                    u8_outputs_quantize_what_is_stored(m, rows, &pq, epi, &got);
                     for r in 0..m {
                         let (b, oy, ox) = (r / (oh * ow), (r / ow) % oh, r % ow);
                         for j in 0..n {
@@ -1199,6 +1427,41 @@ mod tests {
                             );
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// `qgemm_u8` stores `quantize_u8` of `qgemm`'s `want` bit for bit: as one channel slice of a
+    /// wider map, and as three parts of their own (one boundary inside a 16-column panel, where
+    /// the tile is quantized after the kernel, one on a panel edge).
+    fn u8_outputs_quantize_what_is_stored(m: usize, rows: Rows<'_, u8>, pq: &PackedQ, epi: Epilogue<'_>, want: &[f32]) {
+        let n = pq.n();
+        let inv: Vec<f32> = (0..n).map(|j| 1.0 / (0.02 + j as f32 * 1e-3)).collect();
+        let zero: Vec<f32> = (0..n).map(|j| (j % 3) as f32).collect();
+        let (a, b) = (n / 3, (2 * n / 3).next_multiple_of(16).min(n));
+        let layouts = [
+            vec![U8Part { col: 0, ld: n + 8, base: 4 }],
+            vec![
+                U8Part { col: 0, ld: a, base: 0 },
+                U8Part { col: a, ld: b - a, base: m * a },
+                U8Part { col: b, ld: n - b, base: m * b },
+            ],
+        ];
+        for parts in layouts {
+            let mut dst = vec![7u8; m * (n + 8) + 4];
+            qgemm_u8(m, rows, pq, pq.scale(), U8Out { dst: &mut dst, parts: &parts, inv: &inv, zero: &zero }, epi);
+            for r in 0..m {
+                for j in 0..n {
+                    let p = parts[parts.partition_point(|p| p.col <= j) - 1];
+                    let mut q = [0u8];
+                    quantize_u8(&want[r * n + j..][..1], &mut q, Grid::One(inv[j], zero[j]));
+                    assert_eq!(
+                        dst[p.base + r * p.ld + j - p.col],
+                        q[0],
+                        "{:?} row {r} column {j} of {parts:?}",
+                        pq.isa
+                    );
                 }
             }
         }
@@ -1238,10 +1501,22 @@ mod tests {
     #[test]
     fn quantize_u8_rounds_half_to_even_and_clamps_on_every_kernel() {
         let src: Vec<f32> = (0..100).map(|i| i as f32 * 0.5 - 5.0).chain([1e9, -1e9, 254.5, 255.5, 0.5, 1.5]).collect();
-        for zero in [0.0f32, 3.0] {
-            let want: Vec<u8> = src.iter().map(|v| (v + zero).clamp(0.0, 255.0).round_ties_even() as u8).collect();
+        // per-column grids: scales 1 and 2, zero points 0 and 3, in a pattern that no vector
+        // width repeats
+        let inv: Vec<f32> = (0..src.len()).map(|j| [1.0, 2.0, 1.0][j % 3]).collect();
+        let zeros: Vec<f32> = (0..src.len()).map(|j| [0.0, 3.0][(j / 5) % 2]).collect();
+        let mut cases: Vec<(Grid, Vec<u8>)> = [0.0f32, 3.0]
+            .into_iter()
+            .map(|z| {
+                (Grid::One(1.0, z), src.iter().map(|v| (v + z).clamp(0.0, 255.0).round_ties_even() as u8).collect())
+            })
+            .collect();
+        let want =
+            src.iter().enumerate().map(|(j, v)| (v * inv[j] + zeros[j]).clamp(0.0, 255.0).round_ties_even() as u8);
+        cases.push((Grid::Cols(&inv, &zeros), want.collect()));
+        for (g, want) in cases {
             let mut got = vec![0u8; src.len()];
-            portable::quantize_u8(&src, &mut got, 1.0, zero);
+            portable::quantize_u8(&src, &mut got, g);
             assert_eq!(got, want);
             #[cfg(target_arch = "x86_64")]
             for isa in Isa::available() {
@@ -1249,12 +1524,12 @@ mod tests {
                 // SAFETY: the CPU has the kernel's instruction set.
                 unsafe {
                     match isa {
-                        Isa::Avx512 => avx512::quantize_u8(&src, &mut got, 1.0, zero),
-                        Isa::Avx2 => avx2::quantize_u8(&src, &mut got, 1.0, zero),
-                        Isa::Portable => portable::quantize_u8(&src, &mut got, 1.0, zero),
+                        Isa::Avx512 => avx512::quantize_u8(&src, &mut got, g),
+                        Isa::Avx2 => avx2::quantize_u8(&src, &mut got, g),
+                        Isa::Portable => portable::quantize_u8(&src, &mut got, g),
                     }
                 }
-                assert_eq!(got, want, "{isa:?}");
+                assert_eq!(got, want, "{isa:?} {g:?}");
             }
         }
     }

@@ -1,6 +1,6 @@
 //! Portable micro-kernels (any CPU): the 6 x 16 tile in plain Rust, f32 and u8 x i8.
 
-use super::{Kernel, MR, NR, Seg, TileEpi, store_tile};
+use super::{Grid, Kernel, MR, NR, Seg, TileEpi, store_tile};
 
 /// f32, one panel per call.
 #[derive(Clone, Copy)]
@@ -107,8 +107,12 @@ pub(super) fn dequantize(acc: &[i32; MR * NR], cols: usize, e: &TileEpi<'_>) -> 
 }
 
 /// `dst = clamp(round(src * inv + zero), 0, 255)`, round half to even.
-pub(super) fn quantize_u8(src: &[f32], dst: &mut [u8], inv: f32, zero: f32) {
-    for (d, v) in dst.iter_mut().zip(src) {
+pub(super) fn quantize_u8(src: &[f32], dst: &mut [u8], g: Grid<'_>) {
+    for (j, (d, v)) in dst.iter_mut().zip(src).enumerate() {
+        let (inv, zero) = match g {
+            Grid::One(inv, zero) => (inv, zero),
+            Grid::Cols(inv, zero) => (inv[j], zero[j]),
+        };
         *d = (v * inv + zero).clamp(0.0, 255.0).round_ties_even() as u8;
     }
 }
