@@ -356,8 +356,11 @@ impl Store<'_, '_> {
                 }
                 match &self.e.u8 {
                     None => _mm512_mask_storeu_ps(p, mask, y),
-                    // the u8 of the next convolution instead: `quantize_u8` of `y`
+                    // the u8 of the next convolution (instead, or with `keep`): `quantize_u8` of `y`
                     Some(u) => {
+                        if u.keep {
+                            _mm512_mask_storeu_ps(p, mask, y);
+                        }
                         let (s, z) = (
                             _mm512_maskz_loadu_ps(mask, u.inv.add(16 * q)),
                             _mm512_maskz_loadu_ps(mask, u.zero.add(16 * q)),
