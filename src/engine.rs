@@ -199,20 +199,17 @@ impl<'a> In<'a> {
     }
 }
 
-/// An activation between layers: f32, u8 on the grid of the convolution after it, or both (a
-/// residual block's output: f32 for the next block's shortcut, u8 for its merged 1x1).
+/// An activation between layers: f32, or u8 on the grid of the convolution after it.
 pub(crate) enum Carry {
     F32(Act),
     U8(Act<u8>, QGrid),
-    Both(Act, Act<u8>, QGrid),
 }
 
 impl Carry {
-    /// The input of the next convolution (u8 where there is one).
     fn input(&self) -> In<'_> {
         match self {
             Carry::F32(a) => In::F32(a.view()),
-            Carry::U8(a, g) | Carry::Both(_, a, g) => In::U8(a.view(), *g),
+            Carry::U8(a, g) => In::U8(a.view(), *g),
         }
     }
 
@@ -220,36 +217,15 @@ impl Carry {
         match self {
             Carry::F32(a) => a.recycle(),
             Carry::U8(a, _) => a.recycle(),
-            Carry::Both(a, q, _) => {
-                a.recycle();
-                q.recycle()
-            }
-        }
-    }
-
-    /// The f32 activation, and the u8 copy where there is one.
-    fn split(self) -> (Act, Option<(Act<u8>, QGrid)>) {
-        match self {
-            Carry::F32(a) => (a, None),
-            Carry::Both(a, q, g) => (a, Some((q, g))),
-            Carry::U8(..) => unreachable!("u8 activations feed int8 convolutions only"),
         }
     }
 
     fn into_f32(self) -> Act {
-        let (a, q) = self.split();
-        q.into_iter().for_each(|(q, _)| q.recycle());
-        a
+        match self {
+            Carry::F32(a) => a,
+            Carry::U8(..) => unreachable!("u8 activations feed int8 convolutions only"),
+        }
     }
-}
-
-/// What the next block reads: f32, u8 on its first convolution's grid, or (a block whose
-/// input feeds only its merged 1x1 and its shortcut) both.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Next {
-    F32,
-    U8(QGrid),
-    Both(QGrid),
 }
 
 /// Per output channel, the grid of the int8 convolution that reads it (`1 / scale` and the
@@ -279,30 +255,9 @@ impl ColGrids {
 /// (`U8Slots`, the merged 1x1) each slot `(offset, channels)` of its channels as a dense map of
 /// its own, slot maps one after the other.
 pub(crate) enum Dst<'a> {
-    F32 {
-        data: &'a mut [f32],
-        ld: usize,
-        off: usize,
-    },
-    U8 {
-        data: &'a mut [u8],
-        ld: usize,
-        off: usize,
-        grids: &'a ColGrids,
-    },
-    U8Slots {
-        data: &'a mut [u8],
-        slots: &'a [(usize, usize)],
-        grids: &'a ColGrids,
-    },
-    /// f32 as `F32`, and a u8 copy (same layout) as `U8`.
-    Both {
-        data: &'a mut [f32],
-        ld: usize,
-        off: usize,
-        q: &'a mut [u8],
-        grids: &'a ColGrids,
-    },
+    F32 { data: &'a mut [f32], ld: usize, off: usize },
+    U8 { data: &'a mut [u8], ld: usize, off: usize, grids: &'a ColGrids },
+    U8Slots { data: &'a mut [u8], slots: &'a [(usize, usize)], grids: &'a ColGrids },
 }
 
 impl Dst<'_> {
@@ -311,7 +266,6 @@ impl Dst<'_> {
         match self {
             Dst::F32 { data, ld, off } => Dst::F32 { data, ld: *ld, off: *off + by },
             Dst::U8 { data, ld, off, grids } => Dst::U8 { data, ld: *ld, off: *off + by, grids },
-            Dst::Both { data, ld, off, q, grids } => Dst::Both { data, ld: *ld, off: *off + by, q, grids },
             Dst::U8Slots { .. } => unreachable!("slot maps are the merged 1x1's alone"),
         }
     }
@@ -568,30 +522,16 @@ impl Conv {
                 let rows = self.rows(data, [h, w], (ld, c0));
                 match dst {
                     Dst::F32 { data, ld, off } => sgemm::qgemm(m, rows, wt, col_scale, data, ld, off, epi),
-                    Dst::Both { data, ld, off, q, grids } => {
-                        let (inv, zero) = (&grids.inv[off..off + self.cout], &grids.zero[off..off + self.cout]);
-                        let parts = [U8Part { col: 0, ld, base: off }];
-                        let out = U8Out { dst: q, parts: &parts, inv, zero };
-                        sgemm::qgemm_u8(m, rows, wt, col_scale, out, Some((data, ld, off)), epi)
-                    }
                     Dst::U8 { data, ld, off, grids } => {
                         let (inv, zero) = (&grids.inv[off..off + self.cout], &grids.zero[off..off + self.cout]);
                         let parts = [U8Part { col: 0, ld, base: off }];
-                        sgemm::qgemm_u8(
-                            m,
-                            rows,
-                            wt,
-                            col_scale,
-                            U8Out { dst: data, parts: &parts, inv, zero },
-                            None,
-                            epi,
-                        )
+                        sgemm::qgemm_u8(m, rows, wt, col_scale, U8Out { dst: data, parts: &parts, inv, zero }, epi)
                     }
                     Dst::U8Slots { data, slots, grids } => {
                         let parts: Vec<U8Part> =
                             slots.iter().map(|&(o, c)| U8Part { col: o, ld: c, base: m * o }).collect();
                         let out = U8Out { dst: data, parts: &parts, inv: &grids.inv, zero: &grids.zero };
-                        sgemm::qgemm_u8(m, rows, wt, col_scale, out, None, epi)
+                        sgemm::qgemm_u8(m, rows, wt, col_scale, out, epi)
                     }
                 }
                 quantized.into_iter().for_each(buffers::give);
@@ -981,40 +921,15 @@ impl Block {
 
     /// Run on `x`; with `u8`, int8 convolutions hand the int8 ones after them u8 on their grid
     /// (the output too, on `next`, where this block's last convolution can write it).
-    /// What the previous block should hand this one (`Next::F32` without `u8`).
-    fn wants(&self, u8: bool) -> Next {
-        if !u8 {
-            return Next::F32;
+    fn run(&self, x: Carry, next: Option<QGrid>, u8: bool) -> Carry {
+        let [b] = &self.branches[..] else { return Carry::F32(self.run_branches(x.into_f32(), u8)) };
+        if self.merged.is_some() || self.residual.is_some() {
+            return Carry::F32(self.run_branches(x.into_f32(), u8));
         }
-        if let Some(g) = self.input_grid() {
-            return Next::U8(g);
-        }
-        // every branch starts in the merged 1x1: the input feeds it and the shortcut only
-        match &self.merged {
-            Some(m) if m.slots.iter().all(Option::is_some) => m.conv.u8_grid().map_or(Next::F32, Next::Both),
-            _ => Next::F32,
-        }
-    }
-
-    /// Run on `x`; with `u8`, int8 convolutions hand the int8 ones after them u8 on their grid,
-    /// and the output goes as `next` reads it where this block's last convolution can write that.
-    fn run(&self, x: Carry, next: Next, u8: bool) -> Carry {
-        let single = match &self.branches[..] {
-            [b] if self.merged.is_none() && self.residual.is_none() => Some(b),
-            _ => None,
-        };
-        let Some(b) = single else {
-            let (x, xq) = x.split();
-            return self.run_branches(x, xq, next, u8);
-        };
         let input = x.input();
         let (n, h, w, c) = input.dims();
         let (oh, ow, oc) = b.out_shape(h, w, c);
-        let to_u8 = match next {
-            Next::U8(g) => Some(g),
-            _ => None,
-        };
-        let y = match to_u8.filter(|_| u8 && b.emits_u8()) {
+        let y = match next.filter(|_| u8 && b.emits_u8()) {
             Some(g) => {
                 let mut y = Act::<u8>::for_overwrite(n, oh, ow, oc);
                 let grids = ColGrids::of(g, oc);
@@ -1053,7 +968,7 @@ impl Block {
     /// writes u8 on its readers' grids, and in a residual block the branches write the
     /// concatenation as u8 on the up-projection's grid, so only the block input (the f32
     /// shortcut) is quantized.
-    fn run_branches(&self, x: Act, xq: Option<(Act<u8>, QGrid)>, next: Next, u8: bool) -> Carry {
+    fn run_branches(&self, x: Act, u8: bool) -> Act {
         let empty = |b: &Branch| b.ops.is_empty() && b.tails.is_empty();
         let up_grid = self.residual.as_ref().and_then(|r| r.up.u8_grid()).filter(|_| u8);
         let mut concat = up_grid.filter(|_| self.branches.iter().all(|b| empty(b) || b.emits_u8()));
@@ -1063,31 +978,17 @@ impl Block {
             concat = None;
             merged_grids = self.merged_grids(None).filter(|_| u8);
         }
-        // the previous block's u8 copy of the input, where it is on the merged 1x1's grid
-        let merged_in = match (&xq, self.merged.as_ref().and_then(|m| m.conv.u8_grid())) {
-            (Some((q, g)), Some(h)) if same_grid(*g, h) => In::U8(q.view(), h),
-            _ => In::F32(x.view()),
-        };
         let merged_out = self.merged.as_ref().map(|m| match &merged_grids {
             Some((cols, _)) => {
                 // each slot a dense map: the 3x3s after it read whole kernel rows in place
                 let slots: Vec<(usize, usize)> = m.slots.iter().flatten().copied().collect();
                 let mut y = Act::<u8>::for_overwrite(x.n, x.h, x.w, m.conv.cout);
                 let dst = Dst::U8Slots { data: &mut y.data, slots: &slots, grids: cols };
-                m.conv.run_to(merged_in, dst, StoreMode::Store { relu: true });
+                m.conv.run_to(In::F32(x.view()), dst, StoreMode::Store { relu: true });
                 Carry::U8(y, (1.0, 0))
             }
-            None => {
-                let mut y = Act::for_overwrite(x.n, x.h, x.w, m.conv.cout);
-                m.conv.run_to(
-                    merged_in,
-                    Dst::F32 { data: &mut y.data, ld: m.conv.cout, off: 0 },
-                    StoreMode::Store { relu: true },
-                );
-                Carry::F32(y)
-            }
+            None => Carry::F32(m.conv.run(&x)),
         });
-        xq.into_iter().for_each(|(q, _)| q.recycle());
         let inputs: Vec<Option<In>> = match (&self.merged, &merged_out) {
             (Some(m), Some(Carry::F32(h))) => m.slots.iter().map(|s| s.map(|(o, c)| In::F32(h.slice(o, c)))).collect(),
             (Some(m), Some(Carry::U8(q, _))) => {
@@ -1125,7 +1026,7 @@ impl Block {
             let dst = match (&mut out, &concat_grids) {
                 (Carry::F32(o), _) => Dst::F32 { data: &mut o.data, ld: ctot, off },
                 (Carry::U8(o, _), Some(grids)) => Dst::U8 { data: &mut o.data, ld: ctot, off, grids },
-                (Carry::U8(..), None) | (Carry::Both(..), _) => unreachable!("a u8 concatenation has grids"),
+                (Carry::U8(..), None) => unreachable!("a u8 concatenation has grids"),
             };
             match (input, dst) {
                 // a branch that was only its 1x1: copy the slice into place
@@ -1137,39 +1038,27 @@ impl Block {
             off += s.2;
         }
         merged_out.into_iter().for_each(Carry::recycle);
-        // the residual sum also as u8 where the next block reads it so
-        let keep_u8 = match next {
-            Next::U8(g) | Next::Both(g) if u8 => self.residual.as_ref().filter(|r| r.up.emits_u8()).map(|_| g),
-            _ => None,
-        };
         let y = match &self.residual {
             None => {
                 x.recycle();
-                return Carry::F32(out.into_f32());
+                return out.into_f32();
             }
-            Some(Residual { up, relu, shortcut, scale }) => {
-                let n = x.n;
-                let (mut y, mode) = match shortcut {
-                    true => (x, StoreMode::Residual { scale: *scale, relu: *relu }),
-                    false => {
-                        x.recycle();
-                        (Act::for_overwrite(n, oh, ow, up.cout), StoreMode::Store { relu: *relu })
-                    }
-                };
-                let c = y.c;
-                match keep_u8 {
-                    Some(g) => {
-                        let mut q = Act::<u8>::for_overwrite(y.n, y.h, y.w, c);
-                        let grids = ColGrids::of(g, c);
-                        let dst = Dst::Both { data: &mut y.data, ld: c, off: 0, q: &mut q.data, grids: &grids };
-                        up.run_to(out.input(), dst, mode);
-                        Carry::Both(y, q, g)
-                    }
-                    None => {
-                        up.run_to(out.input(), Dst::F32 { data: &mut y.data, ld: c, off: 0 }, mode);
-                        Carry::F32(y)
-                    }
-                }
+            Some(Residual { up, relu, shortcut: false, .. }) => {
+                let mut y = Act::for_overwrite(x.n, oh, ow, up.cout);
+                up.run_to(
+                    out.input(),
+                    Dst::F32 { data: &mut y.data, ld: up.cout, off: 0 },
+                    StoreMode::Store { relu: *relu },
+                );
+                x.recycle();
+                y
+            }
+            Some(Residual { up, scale, relu, shortcut: true }) => {
+                let mut x = x;
+                let c = x.c;
+                let mode = StoreMode::Residual { scale: *scale, relu: *relu };
+                up.run_to(out.input(), Dst::F32 { data: &mut x.data, ld: c, off: 0 }, mode);
+                x
             }
         };
         out.recycle();
@@ -1382,10 +1271,7 @@ impl Engine {
         let mut x = Carry::F32(x);
         for (j, b) in self.blocks.iter().enumerate() {
             let tapped = keep && self.stage_ends.contains(&j);
-            let next = match self.blocks.get(j + 1) {
-                Some(nb) if !tapped => nb.wants(self.u8_dataflow),
-                _ => Next::F32,
-            };
+            let next = self.blocks.get(j + 1).and_then(Block::input_grid).filter(|_| self.u8_dataflow && !tapped);
             x = b.run(x, next, self.u8_dataflow);
             if let (true, Carry::F32(a)) = (tapped, &x) {
                 taps.push(a.clone());

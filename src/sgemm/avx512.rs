@@ -274,7 +274,11 @@ unsafe fn q8_kernel<const NP: usize>(
                 f[i][q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][q]), s, bv);
             }
         }
-        st.rows(f);
+        // SAFETY: as above.
+        match &st.e.u8 {
+            None => st.rows(f),
+            Some(u) => st.rows_u8(f, u),
+        }
     }
 }
 
@@ -333,6 +337,62 @@ impl Store<'_, '_> {
         }
     }
 
+    /// [`Self::rows`] stored as the next convolution's u8 instead (`quantize_u8` of each value;
+    /// the grid of each panel loaded once).
+    ///
+    /// # Safety
+    /// AVX-512F available; the tile is inside C and `u`'s panels.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn rows_u8<const NP: usize>(&self, acc: [[__m512; NP]; 6], u: &super::TileU8) {
+        let (alpha, lo, hi) = (_mm512_set1_ps(self.e.alpha), _mm512_setzero_ps(), _mm512_set1_ps(255.0));
+        let valid: [usize; NP] = std::array::from_fn(|q| self.cols.saturating_sub(16 * q).min(16));
+        let mask: [__mmask16; NP] = std::array::from_fn(|q| if valid[q] == 16 { !0 } else { (1 << valid[q]) - 1 });
+        // SAFETY: the masked lanes are inside the tile's columns (and their grids).
+        let grid: [(__m512, __m512); NP] = std::array::from_fn(|q| unsafe {
+            (_mm512_maskz_loadu_ps(mask[q], u.inv.add(16 * q)), _mm512_maskz_loadu_ps(mask[q], u.zero.add(16 * q)))
+        });
+        // a macro, not a closure: LLVM keeps a closure out of line, with the rows in memory
+        macro_rules! put {
+            ($r:expr, $i:expr) => {
+                let (r, i): ([__m512; NP], usize) = ($r, $i);
+                for q in 0..NP {
+                    // SAFETY: row `i` < `rows`, masked lanes inside the tile and the panel.
+                    unsafe {
+                        let p = self.c.add(i * self.ldc + 16 * q);
+                        let mut y = _mm512_mul_ps(r[q], alpha);
+                        if self.e.load {
+                            y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask[q], p));
+                        }
+                        if self.e.relu {
+                            y = _mm512_max_ps(y, lo);
+                        }
+                        let y =
+                            _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(_mm512_mul_ps(y, grid[q].0), grid[q].1), lo), hi);
+                        store_u8(u.dst[q].add(i * u.ld[q]), valid[q], _mm512_cvtps_epi32(y));
+                    }
+                }
+            };
+        }
+        let [r0, r1, r2, r3, r4, r5] = acc;
+        put!(r0, 0);
+        if self.rows > 1 {
+            put!(r1, 1);
+        }
+        if self.rows > 2 {
+            put!(r2, 2);
+        }
+        if self.rows > 3 {
+            put!(r3, 3);
+        }
+        if self.rows > 4 {
+            put!(r4, 4);
+        }
+        if self.rows > 5 {
+            put!(r5, 5);
+        }
+    }
+
     /// Row `i`: `C = act(load·C + alpha·acc)`, columns past `cols` masked.
     ///
     /// # Safety
@@ -354,24 +414,7 @@ impl Store<'_, '_> {
                 if self.e.relu {
                     y = _mm512_max_ps(y, _mm512_setzero_ps());
                 }
-                match &self.e.u8 {
-                    None => _mm512_mask_storeu_ps(p, mask, y),
-                    // the u8 of the next convolution (instead, or with `keep`): `quantize_u8` of `y`
-                    Some(u) => {
-                        if u.keep {
-                            _mm512_mask_storeu_ps(p, mask, y);
-                        }
-                        let (s, z) = (
-                            _mm512_maskz_loadu_ps(mask, u.inv.add(16 * q)),
-                            _mm512_maskz_loadu_ps(mask, u.zero.add(16 * q)),
-                        );
-                        let y = _mm512_min_ps(
-                            _mm512_max_ps(_mm512_add_ps(_mm512_mul_ps(y, s), z), _mm512_setzero_ps()),
-                            _mm512_set1_ps(255.0),
-                        );
-                        store_u8(u.dst[q].add(i * u.ld[q]), valid, _mm512_cvtps_epi32(y));
-                    }
-                }
+                _mm512_mask_storeu_ps(p, mask, y);
             }
         }
     }

@@ -631,15 +631,13 @@ pub struct TileEpi<'a> {
 }
 
 /// A tile's u8 destination: per 16-column panel `q` of the tile, row 0 at `dst[q]`, rows
-/// `ld[q]` apart; the grids of the tile's columns at `inv` and `zero`; with `keep`, C is stored
-/// too.
+/// `ld[q]` apart; the grids of the tile's columns at `inv` and `zero`.
 #[derive(Clone, Copy, Debug)]
 pub struct TileU8 {
     pub dst: [*mut u8; 4],
     pub ld: [usize; 4],
     pub inv: *const f32,
     pub zero: *const f32,
-    pub keep: bool,
 }
 
 /// A micro-kernel: one `rows x cols` (<= 6 x 16·PANELS) tile of C.
@@ -766,8 +764,6 @@ struct Sink<'a> {
     inv: &'a [f32],
     zero: &'a [f32],
     quantize: QuantizeTile,
-    /// The f32 result is stored too (into the GEMM's `C`).
-    keep: bool,
 }
 
 impl Sink<'_> {
@@ -779,7 +775,6 @@ impl Sink<'_> {
             ld: [0; 4],
             inv: self.inv[j0..].as_ptr(),
             zero: self.zero[j0..].as_ptr(),
-            keep: self.keep,
         };
         for q in 0..cols.div_ceil(NR) {
             let (a, b) = (j0 + q * NR, (j0 + cols).min(j0 + q * NR + NR));
@@ -915,23 +910,12 @@ pub fn qgemm(
 }
 
 /// [`qgemm`] with its results stored as u8 (`quantize_u8` of what `qgemm` would store, bit for
-/// bit) into `out`: the input of the next int8 convolutions, which then read it as it is. Each
-/// tile is quantized as it leaves the kernel. Without `keep` the f32 result never reaches
-/// memory (it leaves the kernel through an L1 tile, or an f32 scratch `C` where the sum spans
-/// several k-blocks) and `epi.load` must be false; with `keep = (c, ldc, c0)` it is also
-/// stored there as by `qgemm` (a residual sum the next block reads both as f32, its shortcut,
-/// and as u8).
-#[allow(clippy::too_many_arguments)]
-pub fn qgemm_u8(
-    m: usize,
-    a: Rows<'_, u8>,
-    b: &PackedQ,
-    col_scale: &[f32],
-    out: U8Out<'_>,
-    keep: Option<(&mut [f32], usize, usize)>,
-    epi: Epilogue<'_>,
-) {
-    assert!(!epi.load || keep.is_some(), "a u8-only output cannot be accumulated into");
+/// bit) into `out` instead of f32: the input of the next int8 convolutions, which then read it
+/// as it is. Each tile is quantized as it leaves the kernel (from an L1 tile, or from an f32
+/// scratch `C` where the sum spans several k-blocks), so the f32 output never reaches memory.
+/// `epi.load` must be false.
+pub fn qgemm_u8(m: usize, a: Rows<'_, u8>, b: &PackedQ, col_scale: &[f32], out: U8Out<'_>, epi: Epilogue<'_>) {
+    assert!(!epi.load, "a u8 output cannot be accumulated into");
     assert!(col_scale.len() >= b.n(), "column scales shorter than n");
     let n = b.n();
     if m == 0 || n == 0 {
@@ -945,48 +929,38 @@ pub fn qgemm_u8(
         assert!(out.dst.len() >= p.base + (m - 1) * p.ld + end - p.col, "u8 output too small for the GEMM");
     }
     let quantize: QuantizeTile = match b.isa {
+        // SAFETY (of the call through it): VNNI implies AVX-512F and BW
         #[cfg(target_arch = "x86_64")]
         QIsa::Avx512Vnni => avx512::quantize_tile,
         _ => quantize_tile_rows,
     };
-    let sink = Sink {
-        dst: Out(out.dst.as_mut_ptr()),
-        parts: out.parts,
-        inv: out.inv,
-        zero: out.zero,
-        quantize,
-        keep: keep.is_some(),
-    };
+    let sink = Sink { dst: Out(out.dst.as_mut_ptr()), parts: out.parts, inv: out.inv, zero: out.zero, quantize };
     let one_block = b.p.steps <= b.p.kc;
     let s = Some(col_scale);
-    let mut scratch: Vec<f32> = match keep.is_some() || (one_block && b.isa != QIsa::Amx) {
-        true => Vec::new(),
-        false => crate::buffers::take(m * n),
-    };
-    let (c, ldc, c0) = keep.unwrap_or((&mut scratch, n, 0));
+    let mut c: Vec<f32> = if one_block && b.isa != QIsa::Amx { Vec::new() } else { crate::buffers::take(m * n) };
     match b.isa {
-        QIsa::Portable => drive(portable::Q8, m, a, &b.p, s, c, ldc, c0, epi, Some(sink)),
+        QIsa::Portable => drive(portable::Q8, m, a, &b.p, s, &mut c, n, 0, epi, Some(sink)),
         #[cfg(target_arch = "x86_64")]
-        QIsa::Avx2 if b.pairs => drive(avx2::Q8::<true>, m, a, &b.p, s, c, ldc, c0, epi, Some(sink)),
+        QIsa::Avx2 if b.pairs => drive(avx2::Q8::<true>, m, a, &b.p, s, &mut c, n, 0, epi, Some(sink)),
         #[cfg(target_arch = "x86_64")]
-        QIsa::Avx2 => drive(avx2::Q8::<false>, m, a, &b.p, s, c, ldc, c0, epi, Some(sink)),
+        QIsa::Avx2 => drive(avx2::Q8::<false>, m, a, &b.p, s, &mut c, n, 0, epi, Some(sink)),
         #[cfg(target_arch = "x86_64")]
-        QIsa::Avx512Vnni => drive(avx512::Q8, m, a, &b.p, s, c, ldc, c0, epi, Some(sink)),
+        QIsa::Avx512Vnni => drive(avx512::Q8, m, a, &b.p, s, &mut c, n, 0, epi, Some(sink)),
         // the AMX path stores f32 tiles of its own: quantize its output after it
         #[cfg(target_arch = "x86_64")]
         QIsa::Amx => {
-            qgemm(m, a, b, col_scale, c, ldc, c0, epi);
+            qgemm(m, a, b, col_scale, &mut c, n, 0, epi);
             let src = Out(c.as_mut_ptr());
             (0..m.div_ceil(MC)).into_par_iter().for_each(|t| {
                 let (r0, rows) = (t * MC, MC.min(m - t * MC));
-                // SAFETY: `c` holds `m` rows of `ldc`; the tasks' rows are disjoint.
-                unsafe { sink.store(src.at(r0 * ldc + c0), ldc, r0, rows, 0, n) };
+                // SAFETY: `c` holds `m x n` floats; the tasks' rows are disjoint.
+                unsafe { sink.store(src.at(r0 * n), n, r0, rows, 0, n) };
             });
         }
         #[cfg(not(target_arch = "x86_64"))]
-        _ => drive(portable::Q8, m, a, &b.p, s, c, ldc, c0, epi, Some(sink)),
+        _ => drive(portable::Q8, m, a, &b.p, s, &mut c, n, 0, epi, Some(sink)),
     }
-    crate::buffers::give(scratch);
+    crate::buffers::give(c);
 }
 
 /// The GEMM driver: row tiles x column chunks as tasks, each sweeping the k-blocks.
@@ -1007,8 +981,8 @@ fn drive<K: Kernel>(
     let (k, n) = (b.steps * step, b.n);
     let kc = b.kc;
     let nkb = b.steps.div_ceil(kc);
-    // a u8-only result of one k-block leaves the kernel through an L1 tile, without C
-    let direct = sink.is_some_and(|s| !s.keep) && nkb == 1;
+    // a u8 result of one k-block leaves the kernel through an L1 tile, without C
+    let direct = sink.is_some() && nkb == 1;
     if !checked(m, &a, b, (!direct).then_some(&*c), ldc, c0, &epi) {
         return;
     }
@@ -1476,15 +1450,7 @@ mod tests {
         ];
         for parts in layouts {
             let mut dst = vec![7u8; m * (n + 8) + 4];
-            qgemm_u8(
-                m,
-                rows,
-                pq,
-                pq.scale(),
-                U8Out { dst: &mut dst, parts: &parts, inv: &inv, zero: &zero },
-                None,
-                epi,
-            );
+            qgemm_u8(m, rows, pq, pq.scale(), U8Out { dst: &mut dst, parts: &parts, inv: &inv, zero: &zero }, epi);
             for r in 0..m {
                 for j in 0..n {
                     let p = parts[parts.partition_point(|p| p.col <= j) - 1];
@@ -1498,21 +1464,6 @@ mod tests {
                     );
                 }
             }
-        }
-        // kept as f32 too, accumulated into C (the residual sum): both stores agree with qgemm
-        let res = Epilogue { alpha: 0.5, load: true, relu: true, ..epi };
-        let start: Vec<f32> = data(m * (n + 3), 11);
-        let mut want = start.clone();
-        qgemm(m, rows, pq, pq.scale(), &mut want, n + 3, 2, res);
-        let (mut c, mut dst) = (start, vec![0u8; m * n]);
-        let parts = [U8Part { col: 0, ld: n, base: 0 }];
-        let out = U8Out { dst: &mut dst, parts: &parts, inv: &inv, zero: &zero };
-        qgemm_u8(m, rows, pq, pq.scale(), out, Some((&mut c, n + 3, 2)), res);
-        assert_eq!(c, want, "{:?}: the kept f32", pq.isa);
-        for r in 0..m {
-            let mut q = vec![0u8; n];
-            quantize_u8(&want[r * (n + 3) + 2..][..n], &mut q, Grid::Cols(&inv, &zero));
-            assert_eq!(dst[r * n..(r + 1) * n], q[..], "{:?} row {r} of the kept result", pq.isa);
         }
     }
 
