@@ -978,6 +978,11 @@ impl Block {
             concat = None;
             merged_grids = self.merged_grids(None).filter(|_| u8);
         }
+        /// The merged 1x1's output: f32 channels, or u8 slot maps one after the other.
+        enum Merged {
+            F32(Act),
+            Slots(Act<u8>),
+        }
         let merged_out = self.merged.as_ref().map(|m| match &merged_grids {
             Some((cols, _)) => {
                 // each slot a dense map: the 3x3s after it read whole kernel rows in place
@@ -985,13 +990,13 @@ impl Block {
                 let mut y = Act::<u8>::for_overwrite(x.n, x.h, x.w, m.conv.cout);
                 let dst = Dst::U8Slots { data: &mut y.data, slots: &slots, grids: cols };
                 m.conv.run_to(In::F32(x.view()), dst, StoreMode::Store { relu: true });
-                Carry::U8(y, (1.0, 0))
+                Merged::Slots(y)
             }
-            None => Carry::F32(m.conv.run(&x)),
+            None => Merged::F32(m.conv.run(&x)),
         });
         let inputs: Vec<Option<In>> = match (&self.merged, &merged_out) {
-            (Some(m), Some(Carry::F32(h))) => m.slots.iter().map(|s| s.map(|(o, c)| In::F32(h.slice(o, c)))).collect(),
-            (Some(m), Some(Carry::U8(q, _))) => {
+            (Some(m), Some(Merged::F32(h))) => m.slots.iter().map(|s| s.map(|(o, c)| In::F32(h.slice(o, c)))).collect(),
+            (Some(m), Some(Merged::Slots(q))) => {
                 let grids = &merged_grids.as_ref().expect("u8 merged output has grids").1;
                 let pixels = q.n * q.h * q.w;
                 let slot = |(o, c): (usize, usize)| View {
@@ -1032,12 +1037,17 @@ impl Block {
                 // a branch that was only its 1x1: copy the slice into place
                 (Some(In::F32(i)), Dst::F32 { data, .. }) if empty(b) => i.copy_into(data, ctot, off),
                 (Some(In::U8(i, _)), Dst::U8 { data, .. }) if empty(b) => i.copy_into(data, ctot, off),
+                (_, _) if empty(b) => unreachable!("a 1x1-only slot has the concatenation's type"),
                 (Some(i), dst) => b.run(*i, dst, u8),
                 (None, dst) => b.run(In::F32(x.view()), dst, u8),
             }
             off += s.2;
         }
-        merged_out.into_iter().for_each(Carry::recycle);
+        match merged_out {
+            Some(Merged::F32(h)) => h.recycle(),
+            Some(Merged::Slots(q)) => q.recycle(),
+            None => {}
+        }
         let y = match &self.residual {
             None => {
                 x.recycle();
