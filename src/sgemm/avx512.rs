@@ -53,37 +53,6 @@ pub(super) unsafe fn quantize_u8(src: &[f32], dst: &mut [u8], g: Grid<'_>) {
     super::portable::quantize_u8(&src[n16..], &mut dst[n16..], g.from(n16));
 }
 
-/// [`super::quantize_u8`] of a `rows x cols` f32 tile on per-column grids (`inv`, `zero`),
-/// 16 columns at a time, the last ones masked.
-///
-/// # Safety
-/// AVX-512F available; the pointers valid for the tile (`cols` grid values).
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn quantize_tile(
-    src: *const f32,
-    lds: usize,
-    rows: usize,
-    cols: usize,
-    dst: *mut u8,
-    ldd: usize,
-    inv: *const f32,
-    zero: *const f32,
-) {
-    unsafe {
-        let (lo, hi) = (_mm512_setzero_ps(), _mm512_set1_ps(255.0));
-        for j in (0..cols).step_by(16) {
-            let mask: __mmask16 = if cols - j >= 16 { !0 } else { (1 << (cols - j)) - 1 };
-            let (s, z) = (_mm512_maskz_loadu_ps(mask, inv.add(j)), _mm512_maskz_loadu_ps(mask, zero.add(j)));
-            for i in 0..rows {
-                let y = _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, src.add(i * lds + j)), s), z);
-                let y = _mm512_min_ps(_mm512_max_ps(y, lo), hi);
-                store_u8(dst.add(i * ldd + j), cols - j, _mm512_cvtps_epi32(y));
-            }
-        }
-    }
-}
-
 /// The low bytes of the first `valid` (<= 16) lanes of `v` to `p` (the masked store of
 /// `vpmovdb` is several times slower on Zen 4 than the register form and a plain store).
 ///

@@ -727,16 +727,13 @@ pub struct U8Part {
     pub base: usize,
 }
 
-/// Quantizes a `rows x cols` f32 tile (row stride `lds`) into u8 (row stride `ldd`) on per-column
-/// grids; `unsafe`: every pointer valid for the tile.
-type QuantizeTile = unsafe fn(*const f32, usize, usize, usize, *mut u8, usize, *const f32, *const f32);
-
-/// [`QuantizeTile`] row by row with [`quantize_u8`].
+/// [`quantize_u8`] of a `rows x cols` f32 tile (row stride `lds`) into u8 (row stride `ldd`) on
+/// per-column grids, row by row (the tiles the kernel did not store as u8 itself).
 ///
 /// # Safety
-/// As [`QuantizeTile`].
+/// Every pointer valid for the tile (`cols` grid values).
 #[allow(clippy::too_many_arguments)]
-unsafe fn quantize_tile_rows(
+unsafe fn quantize_tile(
     src: *const f32,
     lds: usize,
     rows: usize,
@@ -763,7 +760,6 @@ struct Sink<'a> {
     parts: &'a [U8Part],
     inv: &'a [f32],
     zero: &'a [f32],
-    quantize: QuantizeTile,
 }
 
 impl Sink<'_> {
@@ -802,7 +798,7 @@ impl Sink<'_> {
                 // SAFETY: as the caller promises; `a..b` lies inside the tile and the part.
                 unsafe {
                     let d = self.dst.at(p.base + r0 * p.ld + a - p.col);
-                    (self.quantize)(
+                    quantize_tile(
                         t.add(a - j0),
                         ldt,
                         rows,
@@ -928,13 +924,7 @@ pub fn qgemm_u8(m: usize, a: Rows<'_, u8>, b: &PackedQ, col_scale: &[f32], out: 
         assert!(p.col <= end && end <= n && end - p.col <= p.ld, "u8 parts out of order or overlapping");
         assert!(out.dst.len() >= p.base + (m - 1) * p.ld + end - p.col, "u8 output too small for the GEMM");
     }
-    let quantize: QuantizeTile = match b.isa {
-        // SAFETY (of the call through it): VNNI implies AVX-512F and BW
-        #[cfg(target_arch = "x86_64")]
-        QIsa::Avx512Vnni => avx512::quantize_tile,
-        _ => quantize_tile_rows,
-    };
-    let sink = Sink { dst: Out(out.dst.as_mut_ptr()), parts: out.parts, inv: out.inv, zero: out.zero, quantize };
+    let sink = Sink { dst: Out(out.dst.as_mut_ptr()), parts: out.parts, inv: out.inv, zero: out.zero };
     let one_block = b.p.steps <= b.p.kc;
     let s = Some(col_scale);
     let mut c: Vec<f32> = if one_block && b.isa != QIsa::Amx { Vec::new() } else { crate::buffers::take(m * n) };
