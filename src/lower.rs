@@ -156,6 +156,7 @@ pub fn lower(model: Model) -> Engine {
         stage_ends,
         bottleneck: bottleneck.map(|(l, bn)| dense(l, bn)),
         classifier: classifier.map(|l| dense(l, None)),
-        u8_dataflow: true,
+        // `INCEPTION_U8_FLOW=0`: each int8 convolution quantizes its own input (A/B runs)
+        u8_dataflow: std::env::var("INCEPTION_U8_FLOW").map_or(true, |v| v != "0"),
     }
 }

@@ -182,6 +182,7 @@ fn u8_dataflow_equals_quantizing_every_input_bit_for_bit() {
             common::det_uniform("quant.flow", shape.iter().product()).iter().map(|v| (v * 2.0 - 1.0) as f32).collect();
         let x = Act::from_nchw(&x, shape);
         inception::quant::quantize_engine(&mut e, &mut std::iter::once(x.clone()), 99.9, &mut || {}).unwrap();
+        e.set_u8_dataflow(true);
         let a = e.forward_features(x.clone());
         e.set_u8_dataflow(false);
         let b = e.forward_features(x);
