@@ -907,8 +907,9 @@ pub fn qgemm(
 
 /// [`qgemm`] with its results stored as u8 (`quantize_u8` of what `qgemm` would store, bit for
 /// bit) into `out` instead of f32: the input of the next int8 convolutions, which then read it
-/// as it is. Each tile is quantized as it leaves the kernel (from an L1 tile, or from an f32
-/// scratch `C` where the sum spans several k-blocks), so the f32 output never reaches memory.
+/// as it is. Each tile is quantized as it leaves the kernel: in the VNNI kernel's own store
+/// (panels inside one part), otherwise from an L1 tile; a sum over several k-blocks keeps its
+/// partial sums in an f32 scratch `C`. The f32 output never reaches the activation buffers.
 /// `epi.load` must be false.
 pub fn qgemm_u8(m: usize, a: Rows<'_, u8>, b: &PackedQ, col_scale: &[f32], out: U8Out<'_>, epi: Epilogue<'_>) {
     assert!(!epi.load, "a u8 output cannot be accumulated into");
