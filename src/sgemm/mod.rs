@@ -772,9 +772,13 @@ impl Sink<'_> {
             inv: self.inv[j0..].as_ptr(),
             zero: self.zero[j0..].as_ptr(),
         };
+        // the part holding each panel's first column, walked forward from the tile's
+        let mut i = if self.parts.len() == 1 { 0 } else { self.parts.partition_point(|p| p.col <= j0) - 1 };
         for q in 0..cols.div_ceil(NR) {
             let (a, b) = (j0 + q * NR, (j0 + cols).min(j0 + q * NR + NR));
-            let i = self.parts.partition_point(|p| p.col <= a) - 1;
+            while self.parts.get(i + 1).is_some_and(|next| next.col <= a) {
+                i += 1;
+            }
             if self.parts.get(i + 1).is_some_and(|next| next.col < b) {
                 return None;
             }
