@@ -179,39 +179,27 @@ impl Kernel for Q8 {
         cols: usize,
         e: &TileEpi<'_>,
     ) {
-        let (mut bias, mut scale) = ([0.0f32; 4 * NR], [0.0f32; 4 * NR]);
-        if let Some(v) = e.bias {
-            bias[..cols].copy_from_slice(v);
-        }
-        scale[..cols].copy_from_slice(e.scale.unwrap_or(&[1.0; 4 * NR][..cols]));
         let st = Store { c, ldc, rows, cols, e };
         // SAFETY: as the trait requires.
         unsafe {
             match cols.div_ceil(NR) {
-                1 => q8_kernel::<1>(segs, b, bstride, &scale, &bias, &st),
-                2 => q8_kernel::<2>(segs, b, bstride, &scale, &bias, &st),
-                3 => q8_kernel::<3>(segs, b, bstride, &scale, &bias, &st),
-                _ => q8_kernel::<4>(segs, b, bstride, &scale, &bias, &st),
+                1 => q8_kernel::<1>(segs, b, bstride, &st),
+                2 => q8_kernel::<2>(segs, b, bstride, &st),
+                3 => q8_kernel::<3>(segs, b, bstride, &st),
+                _ => q8_kernel::<4>(segs, b, bstride, &st),
             }
         }
     }
 }
 
-/// `C = act(load·C + alpha·(acc·scale + bias))` for a `rows x cols` tile of u8 x i8 sums;
-/// panel `q` of B at `b + q * bstride` bytes.
+/// `C = act(load·C + alpha·(acc·scale + bias))` for a `rows x cols` tile of u8 x i8 sums (scale
+/// and bias from `st.e`); panel `q` of B at `b + q * bstride` bytes.
 ///
 /// # Safety
 /// AVX-512F, BW and VNNI available; as for [`Kernel::tile`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[allow(clippy::needless_range_loop)]
-unsafe fn q8_kernel<const NP: usize>(
-    segs: &[Seg],
-    b: *const u8,
-    bstride: usize,
-    scale: &[f32],
-    bias: &[f32],
-    st: &Store<'_, '_>,
-) {
+unsafe fn q8_kernel<const NP: usize>(segs: &[Seg], b: *const u8, bstride: usize, st: &Store<'_, '_>) {
     unsafe {
         st.prefetch(NP);
         let mut acc = [[_mm512_setzero_si512(); NP]; 6];
@@ -236,9 +224,14 @@ unsafe fn q8_kernel<const NP: usize>(
                 bp = bp.add(64);
             }
         }
+        // the tile's columns of scale and bias, read masked in place (lanes past `cols` are
+        // never stored)
         let mut f = [[_mm512_setzero_ps(); NP]; 6];
         for q in 0..NP {
-            let (s, bv) = (_mm512_loadu_ps(scale.as_ptr().add(16 * q)), _mm512_loadu_ps(bias.as_ptr().add(16 * q)));
+            let valid = st.cols.saturating_sub(16 * q).min(16);
+            let mask: __mmask16 = if valid == 16 { !0 } else { ((1u32 << valid) - 1) as u16 };
+            let s = st.e.scale.map_or(_mm512_set1_ps(1.0), |v| _mm512_maskz_loadu_ps(mask, v.as_ptr().add(16 * q)));
+            let bv = st.e.bias.map_or(_mm512_setzero_ps(), |v| _mm512_maskz_loadu_ps(mask, v.as_ptr().add(16 * q)));
             for i in 0..6 {
                 f[i][q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][q]), s, bv);
             }
