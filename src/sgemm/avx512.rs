@@ -92,36 +92,35 @@ impl Kernel for F32 {
         cols: usize,
         e: &TileEpi<'_>,
     ) {
-        let mut bias = [0.0f32; 4 * NR];
-        if let Some(v) = e.bias {
-            bias[..cols].copy_from_slice(v);
-        }
         let st = Store { c, ldc, rows, cols, e };
         // SAFETY: as the trait requires.
         unsafe {
             match cols.div_ceil(NR) {
-                1 => f32_kernel::<1>(segs, b.cast(), bstride / 4, &bias, &st),
-                2 => f32_kernel::<2>(segs, b.cast(), bstride / 4, &bias, &st),
-                3 => f32_kernel::<3>(segs, b.cast(), bstride / 4, &bias, &st),
-                _ => f32_kernel::<4>(segs, b.cast(), bstride / 4, &bias, &st),
+                1 => f32_kernel::<1>(segs, b.cast(), bstride / 4, &st),
+                2 => f32_kernel::<2>(segs, b.cast(), bstride / 4, &st),
+                3 => f32_kernel::<3>(segs, b.cast(), bstride / 4, &st),
+                _ => f32_kernel::<4>(segs, b.cast(), bstride / 4, &st),
             }
         }
     }
 }
 
 /// `C = act(load·C + alpha·(bias + A·B))` for a `rows x cols` tile (`cols` <= 16·NP, more
-/// than 16·(NP - 1)); panel `q` of B at `b + q * bstride` floats.
+/// than 16·(NP - 1); bias from `st.e`, read masked in place); panel `q` of B at `b + q *
+/// bstride` floats.
 ///
 /// # Safety
 /// AVX-512F available; as for [`Kernel::tile`].
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::needless_range_loop)]
-unsafe fn f32_kernel<const NP: usize>(segs: &[Seg], b: *const f32, bstride: usize, bias: &[f32], st: &Store<'_, '_>) {
+unsafe fn f32_kernel<const NP: usize>(segs: &[Seg], b: *const f32, bstride: usize, st: &Store<'_, '_>) {
     unsafe {
         st.prefetch(NP);
         let mut acc = [[_mm512_setzero_ps(); NP]; 6];
         for q in 0..NP {
-            let bv = _mm512_loadu_ps(bias.as_ptr().add(16 * q));
+            let valid = st.cols.saturating_sub(16 * q).min(16);
+            let mask: __mmask16 = if valid == 16 { !0 } else { ((1u32 << valid) - 1) as u16 };
+            let bv = st.e.bias.map_or(_mm512_setzero_ps(), |v| _mm512_maskz_loadu_ps(mask, v.as_ptr().add(16 * q)));
             for i in 0..6 {
                 acc[i][q] = bv;
             }
