@@ -226,6 +226,23 @@ impl Carry {
             Carry::U8(..) => unreachable!("u8 activations feed int8 convolutions only"),
         }
     }
+
+    /// A new `[n, h, w, c]` activation written whole by `write`: u8 on `grid` where given, else
+    /// f32.
+    fn written([n, h, w, c]: [usize; 4], grid: Option<QGrid>, write: impl FnOnce(Dst)) -> Self {
+        match grid {
+            Some(g) => {
+                let mut y = Act::<u8>::for_overwrite(n, h, w, c);
+                write(Dst::U8 { data: &mut y.data, ld: c, off: 0, grids: &ColGrids::of(g, c) });
+                Carry::U8(y, g)
+            }
+            None => {
+                let mut y = Act::for_overwrite(n, h, w, c);
+                write(Dst::F32 { data: &mut y.data, ld: c, off: 0 });
+                Carry::F32(y)
+            }
+        }
+    }
 }
 
 /// Per output channel, the grid of the int8 convolution that reads it (`1 / scale` and the
@@ -544,19 +561,7 @@ impl Conv {
         let (n, h, w, _) = x.dims();
         let (oh, ow) = self.out_hw(h, w);
         let mode = StoreMode::Store { relu: self.relu };
-        match next.filter(|_| self.emits_u8()) {
-            Some(g) => {
-                let mut y = Act::<u8>::for_overwrite(n, oh, ow, self.cout);
-                let grids = ColGrids::of(g, self.cout);
-                self.run_to(x, Dst::U8 { data: &mut y.data, ld: self.cout, off: 0, grids: &grids }, mode);
-                Carry::U8(y, g)
-            }
-            None => {
-                let mut y = Act::for_overwrite(n, oh, ow, self.cout);
-                self.run_to(x, Dst::F32 { data: &mut y.data, ld: self.cout, off: 0 }, mode);
-                Carry::F32(y)
-            }
-        }
+        Carry::written([n, oh, ow, self.cout], next.filter(|_| self.emits_u8()), |dst| self.run_to(x, dst, mode))
     }
 
     /// Run on `x` into a new activation.
@@ -922,26 +927,14 @@ impl Block {
     /// Run on `x`; with `u8`, int8 convolutions hand the int8 ones after them u8 on their grid
     /// (the output too, on `next`, where this block's last convolution can write it).
     fn run(&self, x: Carry, next: Option<QGrid>, u8: bool) -> Carry {
-        let [b] = &self.branches[..] else { return Carry::F32(self.run_branches(x.into_f32(), u8)) };
-        if self.merged.is_some() || self.residual.is_some() {
-            return Carry::F32(self.run_branches(x.into_f32(), u8));
-        }
+        let b = match &self.branches[..] {
+            [b] if self.merged.is_none() && self.residual.is_none() => b,
+            _ => return Carry::F32(self.run_branches(x.into_f32(), u8)),
+        };
         let input = x.input();
         let (n, h, w, c) = input.dims();
         let (oh, ow, oc) = b.out_shape(h, w, c);
-        let y = match next.filter(|_| u8 && b.emits_u8()) {
-            Some(g) => {
-                let mut y = Act::<u8>::for_overwrite(n, oh, ow, oc);
-                let grids = ColGrids::of(g, oc);
-                b.run(input, Dst::U8 { data: &mut y.data, ld: oc, off: 0, grids: &grids }, u8);
-                Carry::U8(y, g)
-            }
-            None => {
-                let mut y = Act::for_overwrite(n, oh, ow, oc);
-                b.run(input, Dst::F32 { data: &mut y.data, ld: oc, off: 0 }, u8);
-                Carry::F32(y)
-            }
-        };
+        let y = Carry::written([n, oh, ow, oc], next.filter(|_| u8 && b.emits_u8()), |dst| b.run(input, dst, u8));
         x.recycle();
         y
     }

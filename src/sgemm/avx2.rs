@@ -57,7 +57,7 @@ pub(super) unsafe fn quantize_u8(src: &[f32], dst: &mut [u8], g: Grid<'_>) {
             _mm_storel_epi64(dst.as_mut_ptr().add(i).cast(), b);
         }
     }
-    super::portable::quantize_u8(&src[n8..], &mut dst[n8..], g.from(n8));
+    super::portable::quantize_u8(&src[n8..], &mut dst[n8..], g.skip(n8));
 }
 
 /// `y = act(load·C + alpha·v)` stored to 8 floats at `p`.

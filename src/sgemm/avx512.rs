@@ -50,7 +50,13 @@ pub(super) unsafe fn quantize_u8(src: &[f32], dst: &mut [u8], g: Grid<'_>) {
             _mm_storeu_si128(dst.as_mut_ptr().add(i).cast(), b);
         }
     }
-    super::portable::quantize_u8(&src[n16..], &mut dst[n16..], g.from(n16));
+    super::portable::quantize_u8(&src[n16..], &mut dst[n16..], g.skip(n16));
+}
+
+/// Panel `q` of a tile `cols` wide: its valid columns (<= 16) and their lane mask.
+fn panel_mask(cols: usize, q: usize) -> (usize, __mmask16) {
+    let valid = cols.saturating_sub(16 * q).min(16);
+    (valid, if valid == 16 { !0 } else { ((1u32 << valid) - 1) as u16 })
 }
 
 /// The low bytes of the first `valid` (<= 16) lanes of `v` to `p` (the masked store of
@@ -118,8 +124,7 @@ unsafe fn f32_kernel<const NP: usize>(segs: &[Seg], b: *const f32, bstride: usiz
         st.prefetch(NP);
         let mut acc = [[_mm512_setzero_ps(); NP]; 6];
         for q in 0..NP {
-            let valid = st.cols.saturating_sub(16 * q).min(16);
-            let mask: __mmask16 = if valid == 16 { !0 } else { ((1u32 << valid) - 1) as u16 };
+            let (_, mask) = panel_mask(st.cols, q);
             let bv = st.e.bias.map_or(_mm512_setzero_ps(), |v| _mm512_maskz_loadu_ps(mask, v.as_ptr().add(16 * q)));
             for i in 0..6 {
                 acc[i][q] = bv;
@@ -227,8 +232,7 @@ unsafe fn q8_kernel<const NP: usize>(segs: &[Seg], b: *const u8, bstride: usize,
         // never stored)
         let mut f = [[_mm512_setzero_ps(); NP]; 6];
         for q in 0..NP {
-            let valid = st.cols.saturating_sub(16 * q).min(16);
-            let mask: __mmask16 = if valid == 16 { !0 } else { ((1u32 << valid) - 1) as u16 };
+            let (_, mask) = panel_mask(st.cols, q);
             let s = st.e.scale.map_or(_mm512_set1_ps(1.0), |v| _mm512_maskz_loadu_ps(mask, v.as_ptr().add(16 * q)));
             let bv = st.e.bias.map_or(_mm512_setzero_ps(), |v| _mm512_maskz_loadu_ps(mask, v.as_ptr().add(16 * q)));
             for i in 0..6 {
@@ -306,9 +310,9 @@ impl Store<'_, '_> {
     #[target_feature(enable = "avx512f")]
     #[inline]
     unsafe fn rows_u8<const NP: usize>(&self, acc: [[__m512; NP]; 6], u: &super::TileU8) {
-        let (alpha, lo, hi) = (_mm512_set1_ps(self.e.alpha), _mm512_setzero_ps(), _mm512_set1_ps(255.0));
-        let valid: [usize; NP] = std::array::from_fn(|q| self.cols.saturating_sub(16 * q).min(16));
-        let mask: [__mmask16; NP] = std::array::from_fn(|q| if valid[q] == 16 { !0 } else { (1 << valid[q]) - 1 });
+        let (lo, hi) = (_mm512_setzero_ps(), _mm512_set1_ps(255.0));
+        let (valid, mask): ([usize; NP], [__mmask16; NP]) =
+            (std::array::from_fn(|q| panel_mask(self.cols, q).0), std::array::from_fn(|q| panel_mask(self.cols, q).1));
         // SAFETY: the masked lanes are inside the tile's columns (and their grids).
         let grid: [(__m512, __m512); NP] = std::array::from_fn(|q| unsafe {
             (_mm512_maskz_loadu_ps(mask[q], u.inv.add(16 * q)), _mm512_maskz_loadu_ps(mask[q], u.zero.add(16 * q)))
@@ -320,14 +324,7 @@ impl Store<'_, '_> {
                 for q in 0..NP {
                     // SAFETY: row `i` < `rows`, masked lanes inside the tile and the panel.
                     unsafe {
-                        let p = self.c.add(i * self.ldc + 16 * q);
-                        let mut y = _mm512_mul_ps(r[q], alpha);
-                        if self.e.load {
-                            y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask[q], p));
-                        }
-                        if self.e.relu {
-                            y = _mm512_max_ps(y, lo);
-                        }
+                        let y = self.finish(r[q], mask[q], self.c.add(i * self.ldc + 16 * q));
                         let y =
                             _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(_mm512_mul_ps(y, grid[q].0), grid[q].1), lo), hi);
                         store_u8(u.dst[q].add(i * u.ld[q]), valid[q], _mm512_cvtps_epi32(y));
@@ -361,22 +358,32 @@ impl Store<'_, '_> {
     #[target_feature(enable = "avx512f")]
     #[inline]
     pub(super) unsafe fn row<const NP: usize>(&self, acc: [__m512; NP], i: usize) {
-        let alpha = _mm512_set1_ps(self.e.alpha);
         for (q, v) in acc.into_iter().enumerate() {
-            let valid = self.cols.saturating_sub(16 * q).min(16);
-            let mask: __mmask16 = if valid == 16 { 0xffff } else { ((1u32 << valid) - 1) as u16 };
+            let (_, mask) = panel_mask(self.cols, q);
             // SAFETY: the masked lanes are inside row i of the tile.
             unsafe {
                 let p = self.c.add(i * self.ldc + 16 * q);
-                let mut y = _mm512_mul_ps(v, alpha);
-                if self.e.load {
-                    y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, p));
-                }
-                if self.e.relu {
-                    y = _mm512_max_ps(y, _mm512_setzero_ps());
-                }
-                _mm512_mask_storeu_ps(p, mask, y);
+                _mm512_mask_storeu_ps(p, mask, self.finish(v, mask, p));
             }
         }
+    }
+
+    /// `act(load·C + alpha·v)` for the masked lanes of one panel row at `p` (the value a row
+    /// stores as f32, or quantizes for the next convolution).
+    ///
+    /// # Safety
+    /// AVX-512F available; with `load`, the masked lanes at `p` inside the tile.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn finish(&self, v: __m512, mask: __mmask16, p: *const f32) -> __m512 {
+        let mut y = _mm512_mul_ps(v, _mm512_set1_ps(self.e.alpha));
+        if self.e.load {
+            // SAFETY: as the caller promises.
+            y = _mm512_add_ps(y, unsafe { _mm512_maskz_loadu_ps(mask, p) });
+        }
+        if self.e.relu {
+            y = _mm512_max_ps(y, _mm512_setzero_ps());
+        }
+        y
     }
 }

@@ -1176,7 +1176,7 @@ pub enum Grid<'a> {
 
 impl<'a> Grid<'a> {
     /// The grid of columns `j0..` (the same for `One`).
-    fn from(self, j0: usize) -> Self {
+    fn skip(self, j0: usize) -> Self {
         match self {
             Grid::One(..) => self,
             Grid::Cols(inv, zero) => Grid::Cols(&inv[j0..], &zero[j0..]),
