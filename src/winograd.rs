@@ -125,7 +125,8 @@ fn invert(a: &[f64], n: usize) -> Vec<f64> {
 
 /// Outputs per line tile of a `1 x r` / `r x 1` kernel: F(6, 3) (2.25x fewer products, error
 /// ~7e-7 in the tests) and F(3, 7) (2.33x, ~2e-6 at 40 channels, up to 9e-6 at 224; F(4, 7)
-/// measures ~6e-6 already at 40 channels).
+/// measures ~6e-6 already at 40 channels, 9e-6 at 128, and on 17-wide lines it saves only 7% of
+/// the products, so F(3, 7) stays).
 fn line_outputs(r: usize) -> usize {
     if r == 3 { 6 } else { 3 }
 }
@@ -296,15 +297,11 @@ impl Winograd {
                     for (t, u) in self.u.iter().enumerate() {
                         let a = Rows::Dense { data: &v[t * nt * self.cin..][..nt * self.cin], ld: self.cin };
                         let c = &mut m[t * nt * self.cout..][..nt * self.cout];
-                        sgemm::gemm(
-                            nt,
-                            a,
-                            u,
-                            c,
-                            self.cout,
-                            0,
-                            Epilogue { bias: None, alpha: 1.0, load: false, relu: false },
-                        );
+                        let epi = Epilogue { bias: None, alpha: 1.0, load: false, relu: false };
+                        match self.u.get(t + 1) {
+                            Some(next) => sgemm::gemm_before(nt, a, u, c, self.cout, 0, epi, next),
+                            None => sgemm::gemm(nt, a, u, c, self.cout, 0, epi),
+                        }
                     }
                 });
                 let store = Store { out, ld, off, bias, mode };

@@ -108,7 +108,15 @@ impl Kernel for F32 {
                 f32_kernel(segs, b.cast(), c, ldc, &bias, e);
             } else {
                 let mut acc = [0.0f32; MR * NR];
-                let raw = TileEpi { bias: None, scale: None, alpha: 1.0, load: false, relu: false, u8: None };
+                let raw = TileEpi {
+                    bias: None,
+                    scale: None,
+                    alpha: 1.0,
+                    load: false,
+                    relu: false,
+                    u8: None,
+                    ahead: super::Ahead::NONE,
+                };
                 f32_kernel(segs, b.cast(), acc.as_mut_ptr(), NR, &bias, &raw);
                 store_tile(&acc, NR, c, ldc, rows, cols, e);
             }

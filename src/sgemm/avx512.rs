@@ -130,6 +130,7 @@ unsafe fn f32_kernel<const NP: usize>(segs: &[Seg], b: *const f32, bstride: usiz
                 acc[i][q] = bv;
             }
         }
+        let (mut pf, pf_end) = (st.e.ahead.p, st.e.ahead.p.wrapping_add(64 * st.e.ahead.lines));
         let mut bp = b;
         for seg in segs {
             if seg.p[0].is_null() {
@@ -138,6 +139,10 @@ unsafe fn f32_kernel<const NP: usize>(segs: &[Seg], b: *const f32, bstride: usiz
             }
             let a = seg.p.map(|p| p.cast::<f32>());
             for j in 0..seg.run {
+                if pf < pf_end {
+                    _mm_prefetch::<_MM_HINT_T1>(pf.cast());
+                    pf = pf.add(64);
+                }
                 let mut w = [_mm512_setzero_ps(); NP];
                 for q in 0..NP {
                     w[q] = _mm512_load_ps(bp.add(q * bstride));
@@ -207,6 +212,7 @@ unsafe fn q8_kernel<const NP: usize>(segs: &[Seg], b: *const u8, bstride: usize,
     unsafe {
         st.prefetch(NP);
         let mut acc = [[_mm512_setzero_si512(); NP]; 6];
+        let (mut pf, pf_end) = (st.e.ahead.p, st.e.ahead.p.wrapping_add(64 * st.e.ahead.lines));
         let mut bp = b;
         for seg in segs {
             if seg.p[0].is_null() {
@@ -215,6 +221,10 @@ unsafe fn q8_kernel<const NP: usize>(segs: &[Seg], b: *const u8, bstride: usize,
             }
             let a = seg.p;
             for j in 0..seg.run {
+                if pf < pf_end {
+                    _mm_prefetch::<_MM_HINT_T1>(pf.cast());
+                    pf = pf.add(64);
+                }
                 let mut w = [_mm512_setzero_si512(); NP];
                 for q in 0..NP {
                     w[q] = _mm512_load_si512(bp.add(q * bstride).cast());

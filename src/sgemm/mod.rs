@@ -628,6 +628,20 @@ pub struct TileEpi<'a> {
     pub load: bool,
     pub relu: bool,
     pub u8: Option<TileU8>,
+    /// Lines of B to prefetch into L2 while this tile computes (about one per k-step): a
+    /// share of the weight slice the task reads next, which otherwise arrives cold.
+    pub ahead: Ahead,
+}
+
+/// `lines` 64-byte lines from `p` (a hint: never dereferenced by the kernel).
+#[derive(Clone, Copy, Debug)]
+pub struct Ahead {
+    pub p: *const u8,
+    pub lines: usize,
+}
+
+impl Ahead {
+    pub const NONE: Ahead = Ahead { p: std::ptr::null(), lines: 0 };
 }
 
 /// A tile's u8 destination: per 16-column panel `q` of the tile, row 0 at `dst[q]`, rows
@@ -844,20 +858,46 @@ pub fn serial<R>(f: impl FnOnce() -> R) -> R {
 
 /// `C[r, c0 + j]` (row stride `ldc`) for `r < m`, `j < b.n()`.
 pub fn gemm(m: usize, a: Rows<'_>, b: &PackedB, c: &mut [f32], ldc: usize, c0: usize, epi: Epilogue<'_>) {
-    gemm_on(Isa::detect(), m, a, b, c, ldc, c0, epi)
+    gemm_on(Isa::detect(), m, a, b, c, ldc, c0, epi, None)
+}
+
+/// [`gemm`] followed on this thread by a GEMM with `next`'s weights: its first weight slice is
+/// prefetched during this one's last (one-task GEMMs: a Winograd chunk's products).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_before(
+    m: usize,
+    a: Rows<'_>,
+    b: &PackedB,
+    c: &mut [f32],
+    ldc: usize,
+    c0: usize,
+    epi: Epilogue<'_>,
+    next: &PackedB,
+) {
+    gemm_on(Isa::detect(), m, a, b, c, ldc, c0, epi, Some(&next.0))
 }
 
 /// [`gemm`] with the kernel chosen by the caller (one of [`Isa::available`]).
 #[allow(clippy::too_many_arguments)]
-fn gemm_on(isa: Isa, m: usize, a: Rows<'_>, b: &PackedB, c: &mut [f32], ldc: usize, c0: usize, epi: Epilogue<'_>) {
+fn gemm_on(
+    isa: Isa,
+    m: usize,
+    a: Rows<'_>,
+    b: &PackedB,
+    c: &mut [f32],
+    ldc: usize,
+    c0: usize,
+    epi: Epilogue<'_>,
+    next: Option<&Panels>,
+) {
     match isa {
-        Isa::Portable => drive(portable::F32, m, a, &b.0, None, c, ldc, c0, epi, None),
+        Isa::Portable => drive(portable::F32, m, a, &b.0, None, c, ldc, c0, epi, None, next),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => drive(avx2::F32, m, a, &b.0, None, c, ldc, c0, epi, None),
+        Isa::Avx2 => drive(avx2::F32, m, a, &b.0, None, c, ldc, c0, epi, None, next),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => drive(avx512::F32, m, a, &b.0, None, c, ldc, c0, epi, None),
+        Isa::Avx512 => drive(avx512::F32, m, a, &b.0, None, c, ldc, c0, epi, None, next),
         #[cfg(not(target_arch = "x86_64"))]
-        _ => drive(portable::F32, m, a, &b.0, None, c, ldc, c0, epi, None),
+        _ => drive(portable::F32, m, a, &b.0, None, c, ldc, c0, epi, None, next),
     }
 }
 
@@ -887,13 +927,13 @@ pub fn qgemm(
     assert!(col_scale.len() >= b.n(), "column scales shorter than n");
     let s = Some(col_scale);
     match b.isa {
-        QIsa::Portable => drive(portable::Q8, m, a, &b.p, s, c, ldc, c0, epi, None),
+        QIsa::Portable => drive(portable::Q8, m, a, &b.p, s, c, ldc, c0, epi, None, None),
         #[cfg(target_arch = "x86_64")]
-        QIsa::Avx2 if b.pairs => drive(avx2::Q8::<true>, m, a, &b.p, s, c, ldc, c0, epi, None),
+        QIsa::Avx2 if b.pairs => drive(avx2::Q8::<true>, m, a, &b.p, s, c, ldc, c0, epi, None, None),
         #[cfg(target_arch = "x86_64")]
-        QIsa::Avx2 => drive(avx2::Q8::<false>, m, a, &b.p, s, c, ldc, c0, epi, None),
+        QIsa::Avx2 => drive(avx2::Q8::<false>, m, a, &b.p, s, c, ldc, c0, epi, None, None),
         #[cfg(target_arch = "x86_64")]
-        QIsa::Avx512Vnni => drive(avx512::Q8, m, a, &b.p, s, c, ldc, c0, epi, None),
+        QIsa::Avx512Vnni => drive(avx512::Q8, m, a, &b.p, s, c, ldc, c0, epi, None, None),
         #[cfg(target_arch = "x86_64")]
         QIsa::Amx => {
             if checked(m, &a, &b.p, Some(c), ldc, c0, &epi) {
@@ -905,7 +945,7 @@ pub fn qgemm(
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        _ => drive(portable::Q8, m, a, &b.p, s, c, ldc, c0, epi, None),
+        _ => drive(portable::Q8, m, a, &b.p, s, c, ldc, c0, epi, None, None),
     }
 }
 
@@ -934,13 +974,13 @@ pub fn qgemm_u8(m: usize, a: Rows<'_, u8>, b: &PackedQ, col_scale: &[f32], out: 
     let s = Some(col_scale);
     let mut c: Vec<f32> = if one_block && b.isa != QIsa::Amx { Vec::new() } else { crate::buffers::take(m * n) };
     match b.isa {
-        QIsa::Portable => drive(portable::Q8, m, a, &b.p, s, &mut c, n, 0, epi, Some(sink)),
+        QIsa::Portable => drive(portable::Q8, m, a, &b.p, s, &mut c, n, 0, epi, Some(sink), None),
         #[cfg(target_arch = "x86_64")]
-        QIsa::Avx2 if b.pairs => drive(avx2::Q8::<true>, m, a, &b.p, s, &mut c, n, 0, epi, Some(sink)),
+        QIsa::Avx2 if b.pairs => drive(avx2::Q8::<true>, m, a, &b.p, s, &mut c, n, 0, epi, Some(sink), None),
         #[cfg(target_arch = "x86_64")]
-        QIsa::Avx2 => drive(avx2::Q8::<false>, m, a, &b.p, s, &mut c, n, 0, epi, Some(sink)),
+        QIsa::Avx2 => drive(avx2::Q8::<false>, m, a, &b.p, s, &mut c, n, 0, epi, Some(sink), None),
         #[cfg(target_arch = "x86_64")]
-        QIsa::Avx512Vnni => drive(avx512::Q8, m, a, &b.p, s, &mut c, n, 0, epi, Some(sink)),
+        QIsa::Avx512Vnni => drive(avx512::Q8, m, a, &b.p, s, &mut c, n, 0, epi, Some(sink), None),
         // the AMX path stores f32 tiles of its own: quantize its output after it
         #[cfg(target_arch = "x86_64")]
         QIsa::Amx => {
@@ -953,7 +993,7 @@ pub fn qgemm_u8(m: usize, a: Rows<'_, u8>, b: &PackedQ, col_scale: &[f32], out: 
             });
         }
         #[cfg(not(target_arch = "x86_64"))]
-        _ => drive(portable::Q8, m, a, &b.p, s, &mut c, n, 0, epi, Some(sink)),
+        _ => drive(portable::Q8, m, a, &b.p, s, &mut c, n, 0, epi, Some(sink), None),
     }
     crate::buffers::give(c);
 }
@@ -971,6 +1011,7 @@ fn drive<K: Kernel>(
     c0: usize,
     epi: Epilogue<'_>,
     sink: Option<Sink<'_>>,
+    next: Option<&Panels>,
 ) {
     let step = K::A::STEP;
     let (k, n) = (b.steps * step, b.n);
@@ -985,6 +1026,7 @@ fn drive<K: Kernel>(
     let plan = Plan::new(m, n.div_ceil(NR), MR, MC);
     let out = Out(c.as_mut_ptr());
     let lines = b.data.bytes();
+    let (following, single) = (next, plan.tasks() == 1);
     let task = |t: usize| {
         let ((r0, r1), (p0, p1)) = plan.task(t);
         SCRATCH.with(|scratch| {
@@ -1028,11 +1070,12 @@ fn drive<K: Kernel>(
                 }
                 scratch.starts.push(scratch.segs.len());
                 // panels [p, p + np) for strip st
-                let mut run = |(p, np): (usize, usize), st: usize| {
+                let mut run = |(p, np): (usize, usize), st: usize, ahead: Ahead| {
                     let line = b.slice(s0, kcb, p);
                     let bp = &lines[line * 64..][..np * kcb * 64];
                     let (j0, cols) = (p * NR, (np * NR).min(n - p * NR));
                     let mut e = TileEpi::of_block(&epi, scale, j0, cols, kb, nkb);
+                    e.ahead = ahead;
                     let rows = MR.min(r1 - r0 - st * MR);
                     let ra = r0 + st * MR;
                     // the kernel stores the u8 result itself where it can; else it leaves the
@@ -1058,16 +1101,64 @@ fn drive<K: Kernel>(
                 let groups = || (p0..p1).step_by(group).map(|p| (p, group.min(p1 - p)));
                 if p1 - p0 <= FEW_PANELS {
                     // narrow output: keep each strip's rows in L1 across the few panels
-                    (0..strips).for_each(|st| groups().for_each(|g| run(g, st)));
+                    (0..strips).for_each(|st| groups().for_each(|g| run(g, st, Ahead::NONE)));
                 } else {
-                    // keep each panel's weight slice in L1 across the strips
-                    groups().for_each(|g| (0..strips).for_each(|st| run(g, st)));
+                    // keep each panel's weight slice in L1 across the strips; while a group
+                    // runs, its strips prefetch the next group's slice (or the next k-block's
+                    // first), a share each
+                    for (p, np) in groups() {
+                        let next = if p + np < p1 {
+                            Some((s0, kcb, p + np, group.min(p1 - p - np)))
+                        } else if kb + 1 < nkb {
+                            let s1 = s0 + kc;
+                            let kn = kc.min(b.steps - s1);
+                            Some((s1, kn, p0, group.min(p1 - p0)))
+                        } else {
+                            None
+                        };
+                        let mut region = next.map(|(s, kn, q, nq)| (b.slice(s, kn, q), nq * kn));
+                        let mut from = lines;
+                        if let (None, Some(nb)) = (region, following.filter(|_| single)) {
+                            // the last group: the next GEMM's first slice
+                            from = nb.data.bytes();
+                            region = Some((0, group.min(nb.n.div_ceil(NR)) * nb.kc.min(nb.steps)));
+                        }
+                        let region = region.filter(|_| prefetching());
+                        for st in 0..strips {
+                            let ahead = region.map_or(Ahead::NONE, |(line, len)| {
+                                let (l0, l1) = (st * len / strips, (st + 1) * len / strips);
+                                Ahead { p: from[(line + l0) * 64..].as_ptr(), lines: l1 - l0 }
+                            });
+                            run((p, np), st, ahead);
+                        }
+                    }
                 }
             }
         });
     };
     plan.run(task);
     report(t0, m, k, n, &a, scale.is_some());
+}
+
+/// Whether the kernels prefetch the next weight slice: 0 not yet read from
+/// `INCEPTION_PREFETCH` (`0`: off), 1 off, 2 on.
+static PREFETCH: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+fn prefetching() -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    match PREFETCH.load(Relaxed) {
+        0 => {
+            let on = std::env::var("INCEPTION_PREFETCH").map_or(true, |v| v != "0");
+            set_prefetch(on);
+            on
+        }
+        v => v == 2,
+    }
+}
+
+/// Turn the weight prefetch on or off (A/B runs in one process).
+pub fn set_prefetch(on: bool) {
+    PREFETCH.store(if on { 2 } else { 1 }, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Panics unless A, C and the bias fit the GEMM; false where it has nothing to compute.
@@ -1140,9 +1231,13 @@ impl Plan {
         ((r0, (r0 + self.mc).min(self.m)), (p0, (p0 + self.per_chunk).min(self.panels)))
     }
 
+    fn tasks(&self) -> usize {
+        self.m.div_ceil(self.mc) * self.nchunks
+    }
+
     /// Every task, in parallel unless there is one task or one thread.
     fn run(&self, task: impl Fn(usize) + Sync + Send) {
-        let tasks = self.m.div_ceil(self.mc) * self.nchunks;
+        let tasks = self.tasks();
         if tasks == 1 || self.threads == 1 {
             (0..tasks).for_each(task);
         } else {
@@ -1162,6 +1257,7 @@ impl<'a> TileEpi<'a> {
             load: epi.load || kb > 0,
             relu: epi.relu && kb == nkb - 1,
             u8: None,
+            ahead: Ahead::NONE,
         }
     }
 }
@@ -1271,11 +1367,11 @@ mod tests {
             let ldc = n + 5;
             let mut c = vec![7.0f32; m * ldc];
             let epi = Epilogue { bias: Some(&bias), alpha: 1.0, load: false, relu: true };
-            gemm_on(isa, m, Rows::Dense { data: &a, ld: k }, &pb, &mut c, ldc, 3, epi);
+            gemm_on(isa, m, Rows::Dense { data: &a, ld: k }, &pb, &mut c, ldc, 3, epi, None);
             // residual: C = C + 0.2 (AB + bias)
             let mut r = vec![1.5f32; m * n];
             let epi = Epilogue { bias: Some(&bias), alpha: 0.2, load: true, relu: false };
-            gemm_on(isa, m, Rows::Dense { data: &a, ld: k }, &pb, &mut r, n, 0, epi);
+            gemm_on(isa, m, Rows::Dense { data: &a, ld: k }, &pb, &mut r, n, 0, epi, None);
             for i in 0..m {
                 assert_eq!(c[i * ldc..i * ldc + 3], [7.0; 3]);
                 assert_eq!(c[i * ldc + 3 + n..(i + 1) * ldc], [7.0; 2]);
@@ -1391,7 +1487,7 @@ mod tests {
                     let mut got = vec![0.0f32; m * n];
                     qgemm(m, rows, &pq, pq.scale(), &mut got, n, 0, epi);
                     let mut port = vec![0.0f32; m * n];
-                    drive(portable::Q8, m, rows, &pq.p, Some(pq.scale()), &mut port, n, 0, epi, None);
+                    drive(portable::Q8, m, rows, &pq.p, Some(pq.scale()), &mut port, n, 0, epi, None, None);
                     assert_eq!(got, port, "{isa:?} differs from the portable kernel");
                     u8_outputs_quantize_what_is_stored(m, rows, &pq, epi, &got);
                     for r in 0..m {
@@ -1574,6 +1670,7 @@ mod tests {
                     21,
                     0,
                     Epilogue { bias: None, alpha: 1.0, load: false, relu: false },
+                    None,
                 );
                 for (g, w) in c.iter().zip(&want) {
                     assert!((g - w).abs() < 1e-5);
