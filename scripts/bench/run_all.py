@@ -73,7 +73,7 @@ def main():
     ap.add_argument("--no-demo", action="store_true", help="skip the demo-configuration training row")
     ap.add_argument("--modes", nargs="*", default=["infer", "train"], help="which rows: infer and/or train")
     ap.add_argument("--from-json", help="measure nothing: render the table from the raw numbers of an earlier run "
-                    "(pass that run's --rounds too)")
+                    "(pass that run's --rounds too; the CPU line is read from this machine)")
     args = ap.parse_args()
     # (label, model, mode, batch, precision, baselines, size, width)
     plan = []
@@ -87,7 +87,13 @@ def main():
         plan.append(("inception_resnet_v1", "train", 32, "f32", ["torch"], 75, 0.25, 5))
     raw = []
     if args.from_json:
-        raw = json.load(open(args.from_json))
+        try:
+            with open(args.from_json) as f:
+                raw = json.load(f)
+        except (OSError, ValueError) as e:
+            ap.error(f"--from-json {args.from_json}: {e}")
+        if not isinstance(raw, list) or not raw:
+            ap.error(f"--from-json {args.from_json}: not a list of rows from run_all.py")
     else:
         for model, mode, batch, precision, systems, size, width, runs in plan:
             o, ts = None, {}
