@@ -199,17 +199,21 @@ impl<'a> In<'a> {
     }
 }
 
-/// An activation between layers: f32, or u8 on the grid of the convolution after it.
+/// An activation between layers: f32, or u8 on the grid of the convolution after it, or both
+/// (a residual block's output: f32 for the next shortcut, u8 for the next block's int8 1x1).
 pub(crate) enum Carry {
     F32(Act),
     U8(Act<u8>, QGrid),
+    Dual(Act, Act<u8>, QGrid),
 }
 
 impl Carry {
+    /// What the next convolution reads: the u8 where there is one (it was made on that
+    /// convolution's grid).
     fn input(&self) -> In<'_> {
         match self {
             Carry::F32(a) => In::F32(a.view()),
-            Carry::U8(a, g) => In::U8(a.view(), *g),
+            Carry::U8(a, g) | Carry::Dual(_, a, g) => In::U8(a.view(), *g),
         }
     }
 
@@ -217,12 +221,20 @@ impl Carry {
         match self {
             Carry::F32(a) => a.recycle(),
             Carry::U8(a, _) => a.recycle(),
+            Carry::Dual(a, q, _) => {
+                a.recycle();
+                q.recycle();
+            }
         }
     }
 
     fn into_f32(self) -> Act {
         match self {
             Carry::F32(a) => a,
+            Carry::Dual(a, q, _) => {
+                q.recycle();
+                a
+            }
             Carry::U8(..) => unreachable!("u8 activations feed int8 convolutions only"),
         }
     }
@@ -270,11 +282,13 @@ impl ColGrids {
 /// Where a convolution's output goes: channels `[off, off + cout)` of `data` (row stride `ld`),
 /// f32, or u8 on the grids of the convolutions after it (`grids` per channel of `data`); or
 /// (`U8Slots`, the merged 1x1) each slot `(offset, channels)` of its channels as a dense map of
-/// its own, slot maps one after the other.
+/// its own, slot maps one after the other; or (`Dual`, an int8 convolution's whole output) f32
+/// into `data` and u8 into `u8`, both dense.
 pub(crate) enum Dst<'a> {
     F32 { data: &'a mut [f32], ld: usize, off: usize },
     U8 { data: &'a mut [u8], ld: usize, off: usize, grids: &'a ColGrids },
     U8Slots { data: &'a mut [u8], slots: &'a [(usize, usize)], grids: &'a ColGrids },
+    Dual { data: &'a mut [f32], u8: &'a mut [u8], grids: &'a ColGrids },
 }
 
 impl Dst<'_> {
@@ -284,6 +298,7 @@ impl Dst<'_> {
             Dst::F32 { data, ld, off } => Dst::F32 { data, ld: *ld, off: *off + by },
             Dst::U8 { data, ld, off, grids } => Dst::U8 { data, ld: *ld, off: *off + by, grids },
             Dst::U8Slots { .. } => unreachable!("slot maps are the merged 1x1's alone"),
+            Dst::Dual { .. } => unreachable!("a dual output is a block's whole output"),
         }
     }
 }
@@ -549,6 +564,11 @@ impl Conv {
                             slots.iter().map(|&(o, c)| U8Part { col: o, ld: c, base: m * o }).collect();
                         let out = U8Out { dst: data, parts: &parts, inv: &grids.inv, zero: &grids.zero };
                         sgemm::qgemm_u8(m, rows, wt, col_scale, out, epi)
+                    }
+                    Dst::Dual { data, u8, grids } => {
+                        let parts = [U8Part { col: 0, ld: self.cout, base: 0 }];
+                        let out = U8Out { dst: u8, parts: &parts, inv: &grids.inv, zero: &grids.zero };
+                        sgemm::qgemm_dual(m, rows, wt, col_scale, data, self.cout, out, epi)
                     }
                 }
                 quantized.into_iter().for_each(buffers::give);
@@ -924,12 +944,20 @@ impl Block {
         }
     }
 
+    /// The grid on which its merged 1x1 reads the input as u8 alongside the f32 the rest of
+    /// the block reads (the shortcut, a pool branch).
+    fn shortcut_grid(&self) -> Option<QGrid> {
+        self.merged.as_ref().and_then(|m| m.conv.u8_grid())
+    }
+
     /// Run on `x`; with `u8`, int8 convolutions hand the int8 ones after them u8 on their grid
     /// (the output too, on `next`, where this block's last convolution can write it).
-    fn run(&self, x: Carry, next: Option<QGrid>, u8: bool) -> Carry {
+    /// `shortcut`: the grid of the next block's int8 1x1 when that block also needs the f32 (a
+    /// residual block's shortcut); a residual block then writes both.
+    fn run(&self, x: Carry, next: Option<QGrid>, shortcut: Option<QGrid>, u8: bool) -> Carry {
         let b = match &self.branches[..] {
             [b] if self.merged.is_none() && self.residual.is_none() => b,
-            _ => return Carry::F32(self.run_branches(x.into_f32(), u8)),
+            _ => return self.run_branches(x, next.or(shortcut).filter(|_| u8), u8),
         };
         let input = x.input();
         let (n, h, w, c) = input.dims();
@@ -960,8 +988,19 @@ impl Block {
     /// Several branches, concatenated, and the residual wrapper. With `u8`, the merged 1x1
     /// writes u8 on its readers' grids, and in a residual block the branches write the
     /// concatenation as u8 on the up-projection's grid, so only the block input (the f32
-    /// shortcut) is quantized.
-    fn run_branches(&self, x: Act, u8: bool) -> Act {
+    /// shortcut) is quantized, and not even that where the block before handed it over as u8
+    /// too (`Carry::Dual`); the up-projection then writes this block's output both ways on
+    /// `out_grid` (the next block's).
+    fn run_branches(&self, x: Carry, out_grid: Option<QGrid>, u8: bool) -> Carry {
+        let (x, xq) = match x {
+            Carry::F32(a) => (a, None),
+            Carry::Dual(a, q, g) => (a, Some((q, g))),
+            Carry::U8(..) => unreachable!("a block of several branches reads f32"),
+        };
+        let merged_in = |m: &Merged1x1| match &xq {
+            Some((q, g)) if m.conv.u8_grid().is_some_and(|mg| same_grid(mg, *g)) => In::U8(q.view(), *g),
+            _ => In::F32(x.view()),
+        };
         let empty = |b: &Branch| b.ops.is_empty() && b.tails.is_empty();
         let up_grid = self.residual.as_ref().and_then(|r| r.up.u8_grid()).filter(|_| u8);
         let mut concat = up_grid.filter(|_| self.branches.iter().all(|b| empty(b) || b.emits_u8()));
@@ -982,11 +1021,12 @@ impl Block {
                 let slots: Vec<(usize, usize)> = m.slots.iter().flatten().copied().collect();
                 let mut y = Act::<u8>::for_overwrite(x.n, x.h, x.w, m.conv.cout);
                 let dst = Dst::U8Slots { data: &mut y.data, slots: &slots, grids: cols };
-                m.conv.run_to(In::F32(x.view()), dst, StoreMode::Store { relu: true });
+                m.conv.run_to(merged_in(m), dst, StoreMode::Store { relu: true });
                 Merged::Slots(y)
             }
-            None => Merged::F32(m.conv.run(&x)),
+            None => Merged::F32(m.conv.run_carry(merged_in(m), None).into_f32()),
         });
+        xq.into_iter().for_each(|(q, _)| q.recycle());
         let inputs: Vec<Option<In>> = match (&self.merged, &merged_out) {
             (Some(m), Some(Merged::F32(h))) => m.slots.iter().map(|s| s.map(|(o, c)| In::F32(h.slice(o, c)))).collect(),
             (Some(m), Some(Merged::Slots(q))) => {
@@ -1025,6 +1065,7 @@ impl Block {
                 (Carry::F32(o), _) => Dst::F32 { data: &mut o.data, ld: ctot, off },
                 (Carry::U8(o, _), Some(grids)) => Dst::U8 { data: &mut o.data, ld: ctot, off, grids },
                 (Carry::U8(..), None) => unreachable!("a u8 concatenation has grids"),
+                (Carry::Dual(..), _) => unreachable!("a concatenation is f32 or u8"),
             };
             match (input, dst) {
                 // a branch that was only its 1x1: copy the slice into place
@@ -1041,27 +1082,30 @@ impl Block {
             Some(Merged::Slots(q)) => q.recycle(),
             None => {}
         }
-        let y = match &self.residual {
+        let Some(Residual { up, scale, relu, shortcut }) = &self.residual else {
+            x.recycle();
+            return out;
+        };
+        // the shortcut sum in place in `x`, or the plain counterpart's own output
+        let (mut y, mode) = match shortcut {
+            true => (x, StoreMode::Residual { scale: *scale, relu: *relu }),
+            false => {
+                let n = x.n;
+                x.recycle();
+                (Act::for_overwrite(n, oh, ow, up.cout), StoreMode::Store { relu: *relu })
+            }
+        };
+        let y = match out_grid.filter(|_| up.emits_u8()) {
+            Some(g) => {
+                let mut q = Act::<u8>::for_overwrite(y.n, y.h, y.w, y.c);
+                let grids = ColGrids::of(g, y.c);
+                up.run_to(out.input(), Dst::Dual { data: &mut y.data, u8: &mut q.data, grids: &grids }, mode);
+                Carry::Dual(y, q, g)
+            }
             None => {
-                x.recycle();
-                return out.into_f32();
-            }
-            Some(Residual { up, relu, shortcut: false, .. }) => {
-                let mut y = Act::for_overwrite(x.n, oh, ow, up.cout);
-                up.run_to(
-                    out.input(),
-                    Dst::F32 { data: &mut y.data, ld: up.cout, off: 0 },
-                    StoreMode::Store { relu: *relu },
-                );
-                x.recycle();
-                y
-            }
-            Some(Residual { up, scale, relu, shortcut: true }) => {
-                let mut x = x;
-                let c = x.c;
-                let mode = StoreMode::Residual { scale: *scale, relu: *relu };
-                up.run_to(out.input(), Dst::F32 { data: &mut x.data, ld: c, off: 0 }, mode);
-                x
+                let c = y.c;
+                up.run_to(out.input(), Dst::F32 { data: &mut y.data, ld: c, off: 0 }, mode);
+                Carry::F32(y)
             }
         };
         out.recycle();
@@ -1274,8 +1318,9 @@ impl Engine {
         let mut x = Carry::F32(x);
         for (j, b) in self.blocks.iter().enumerate() {
             let tapped = keep && self.stage_ends.contains(&j);
-            let next = self.blocks.get(j + 1).and_then(Block::input_grid).filter(|_| self.u8_dataflow && !tapped);
-            x = b.run(x, next, self.u8_dataflow);
+            let after = self.blocks.get(j + 1).filter(|_| self.u8_dataflow && !tapped);
+            let (next, shortcut) = (after.and_then(Block::input_grid), after.and_then(Block::shortcut_grid));
+            x = b.run(x, next, shortcut, self.u8_dataflow);
             if let (true, Carry::F32(a)) = (tapped, &x) {
                 taps.push(a.clone());
             }

@@ -312,8 +312,8 @@ impl Store<'_, '_> {
         }
     }
 
-    /// [`Self::rows`] stored as the next convolution's u8 instead (`quantize_u8` of each value;
-    /// the grid of each panel loaded once).
+    /// [`Self::rows`] stored as the next convolution's u8 instead, or as well with `u.keep`
+    /// (`quantize_u8` of each value; the grid of each panel loaded once).
     ///
     /// # Safety
     /// AVX-512F available; the tile is inside C and `u`'s panels.
@@ -334,7 +334,11 @@ impl Store<'_, '_> {
                 for q in 0..NP {
                     // SAFETY: row `i` < `rows`, masked lanes inside the tile and the panel.
                     unsafe {
-                        let y = self.finish(r[q], mask[q], self.c.add(i * self.ldc + 16 * q));
+                        let p = self.c.add(i * self.ldc + 16 * q);
+                        let y = self.finish(r[q], mask[q], p);
+                        if u.keep {
+                            _mm512_mask_storeu_ps(p, mask[q], y);
+                        }
                         let y =
                             _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(_mm512_mul_ps(y, grid[q].0), grid[q].1), lo), hi);
                         store_u8(u.dst[q].add(i * u.ld[q]), valid[q], _mm512_cvtps_epi32(y));

@@ -645,13 +645,15 @@ impl Ahead {
 }
 
 /// A tile's u8 destination: per 16-column panel `q` of the tile, row 0 at `dst[q]`, rows
-/// `ld[q]` apart; the grids of the tile's columns at `inv` and `zero`.
+/// `ld[q]` apart; the grids of the tile's columns at `inv` and `zero`. With `keep`, the f32
+/// values are stored to C as well.
 #[derive(Clone, Copy, Debug)]
 pub struct TileU8 {
     pub dst: [*mut u8; 4],
     pub ld: [usize; 4],
     pub inv: *const f32,
     pub zero: *const f32,
+    pub keep: bool,
 }
 
 /// A micro-kernel: one `rows x cols` (<= 6 x 16·PANELS) tile of C.
@@ -774,6 +776,9 @@ struct Sink<'a> {
     parts: &'a [U8Part],
     inv: &'a [f32],
     zero: &'a [f32],
+    /// C is an output too ([`qgemm_dual`]): the kernel stores f32 there as well as the u8
+    /// (or the u8 are quantized from C after it).
+    keep: bool,
 }
 
 impl Sink<'_> {
@@ -785,6 +790,7 @@ impl Sink<'_> {
             ld: [0; 4],
             inv: self.inv[j0..].as_ptr(),
             zero: self.zero[j0..].as_ptr(),
+            keep: self.keep,
         };
         // the part holding each panel's first column, walked forward from the tile's
         let mut i = if self.parts.len() == 1 { 0 } else { self.parts.partition_point(|p| p.col <= j0) - 1 };
@@ -957,6 +963,38 @@ pub fn qgemm(
 /// `epi.load` must be false.
 pub fn qgemm_u8(m: usize, a: Rows<'_, u8>, b: &PackedQ, col_scale: &[f32], out: U8Out<'_>, epi: Epilogue<'_>) {
     assert!(!epi.load, "a u8 output cannot be accumulated into");
+    qgemm_sink(m, a, b, col_scale, None, out, epi);
+}
+
+/// [`qgemm`] into `c` (row stride `ldc`, from column 0; `epi.load` allowed: the residual sum)
+/// and, bit for bit as `quantize_u8` of it, into `out` as well: a residual block's output, f32
+/// for the next shortcut and u8 for the next block's int8 1x1. Each tile is quantized from C
+/// right after the kernel stored it, while it is in L1.
+#[allow(clippy::too_many_arguments)]
+pub fn qgemm_dual(
+    m: usize,
+    a: Rows<'_, u8>,
+    b: &PackedQ,
+    col_scale: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    out: U8Out<'_>,
+    epi: Epilogue<'_>,
+) {
+    qgemm_sink(m, a, b, col_scale, Some((c, ldc)), out, epi);
+}
+
+/// The u8 outputs of [`qgemm_u8`] and [`qgemm_dual`]: with `kept`, C is that f32 output, else a
+/// scratch (or none).
+fn qgemm_sink(
+    m: usize,
+    a: Rows<'_, u8>,
+    b: &PackedQ,
+    col_scale: &[f32],
+    kept: Option<(&mut [f32], usize)>,
+    out: U8Out<'_>,
+    epi: Epilogue<'_>,
+) {
     assert!(col_scale.len() >= b.n(), "column scales shorter than n");
     let n = b.n();
     if m == 0 || n == 0 {
@@ -969,33 +1007,42 @@ pub fn qgemm_u8(m: usize, a: Rows<'_, u8>, b: &PackedQ, col_scale: &[f32], out: 
         assert!(p.col <= end && end <= n && end - p.col <= p.ld, "u8 parts out of order or overlapping");
         assert!(out.dst.len() >= p.base + (m - 1) * p.ld + end - p.col, "u8 output too small for the GEMM");
     }
-    let sink = Sink { dst: Out(out.dst.as_mut_ptr()), parts: out.parts, inv: out.inv, zero: out.zero };
+    let keep = kept.is_some();
+    let sink = Sink { dst: Out(out.dst.as_mut_ptr()), parts: out.parts, inv: out.inv, zero: out.zero, keep };
     let one_block = b.p.steps <= b.p.kc;
     let s = Some(col_scale);
-    let mut c: Vec<f32> = if one_block && b.isa != QIsa::Amx { Vec::new() } else { crate::buffers::take(m * n) };
+    let mut scratch: Vec<f32> = match () {
+        _ if keep => Vec::new(),
+        _ if one_block && b.isa != QIsa::Amx => Vec::new(),
+        _ => crate::buffers::take(m * n),
+    };
+    let (c, ldc) = match kept {
+        Some((c, ldc)) => (c, ldc),
+        None => (&mut scratch[..], n),
+    };
     match b.isa {
-        QIsa::Portable => drive(portable::Q8, m, a, &b.p, s, &mut c, n, 0, epi, Some(sink), None),
+        QIsa::Portable => drive(portable::Q8, m, a, &b.p, s, c, ldc, 0, epi, Some(sink), None),
         #[cfg(target_arch = "x86_64")]
-        QIsa::Avx2 if b.pairs => drive(avx2::Q8::<true>, m, a, &b.p, s, &mut c, n, 0, epi, Some(sink), None),
+        QIsa::Avx2 if b.pairs => drive(avx2::Q8::<true>, m, a, &b.p, s, c, ldc, 0, epi, Some(sink), None),
         #[cfg(target_arch = "x86_64")]
-        QIsa::Avx2 => drive(avx2::Q8::<false>, m, a, &b.p, s, &mut c, n, 0, epi, Some(sink), None),
+        QIsa::Avx2 => drive(avx2::Q8::<false>, m, a, &b.p, s, c, ldc, 0, epi, Some(sink), None),
         #[cfg(target_arch = "x86_64")]
-        QIsa::Avx512Vnni => drive(avx512::Q8, m, a, &b.p, s, &mut c, n, 0, epi, Some(sink), None),
+        QIsa::Avx512Vnni => drive(avx512::Q8, m, a, &b.p, s, c, ldc, 0, epi, Some(sink), None),
         // the AMX path stores f32 tiles of its own: quantize its output after it
         #[cfg(target_arch = "x86_64")]
         QIsa::Amx => {
-            qgemm(m, a, b, col_scale, &mut c, n, 0, epi);
+            qgemm(m, a, b, col_scale, c, ldc, 0, epi);
             let src = Out(c.as_mut_ptr());
             (0..m.div_ceil(MC)).into_par_iter().for_each(|t| {
                 let (r0, rows) = (t * MC, MC.min(m - t * MC));
-                // SAFETY: `c` holds `m x n` floats; the tasks' rows are disjoint.
-                unsafe { sink.store(src.at(r0 * n), n, r0, rows, 0, n) };
+                // SAFETY: `c` holds `m` rows of `ldc >= n` floats; the tasks' rows are disjoint.
+                unsafe { sink.store(src.at(r0 * ldc), ldc, r0, rows, 0, n) };
             });
         }
         #[cfg(not(target_arch = "x86_64"))]
-        _ => drive(portable::Q8, m, a, &b.p, s, &mut c, n, 0, epi, Some(sink), None),
+        _ => drive(portable::Q8, m, a, &b.p, s, c, ldc, 0, epi, Some(sink), None),
     }
-    crate::buffers::give(c);
+    crate::buffers::give(scratch);
 }
 
 /// The GEMM driver: row tiles x column chunks as tasks, each sweeping the k-blocks.
@@ -1018,7 +1065,7 @@ fn drive<K: Kernel>(
     let kc = b.kc;
     let nkb = b.steps.div_ceil(kc);
     // a u8 result of one k-block leaves the kernel through an L1 tile, without C
-    let direct = sink.is_some() && nkb == 1;
+    let direct = sink.is_some_and(|s| !s.keep) && nkb == 1;
     if !checked(m, &a, b, (!direct).then_some(&*c), ldc, c0, &epi) {
         return;
     }
@@ -1490,6 +1537,7 @@ mod tests {
                     drive(portable::Q8, m, rows, &pq.p, Some(pq.scale()), &mut port, n, 0, epi, None, None);
                     assert_eq!(got, port, "{isa:?} differs from the portable kernel");
                     u8_outputs_quantize_what_is_stored(m, rows, &pq, epi, &got);
+                    dual_output_is_qgemm_and_its_quantization(m, rows, &pq, &bias);
                     for r in 0..m {
                         let (b, oy, ox) = (r / (oh * ow), (r / ow) % oh, r % ow);
                         for j in 0..n {
@@ -1555,6 +1603,36 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// `qgemm_dual` stores what `qgemm` stores (here a residual sum: C loaded, scaled, ReLU)
+    /// and `quantize_u8` of it, bit for bit.
+    fn dual_output_is_qgemm_and_its_quantization(m: usize, rows: Rows<'_, u8>, pq: &PackedQ, bias: &[f32]) {
+        let n = pq.n();
+        let epi = Epilogue { bias: Some(bias), alpha: 0.17, load: true, relu: true };
+        let start: Vec<f32> = data(m * n, 11).iter().map(|v| v * 40.0).collect();
+        let mut want = start.clone();
+        qgemm(m, rows, pq, pq.scale(), &mut want, n, 0, epi);
+        let inv: Vec<f32> = (0..n).map(|j| 1.0 / (0.05 + j as f32 * 1e-3)).collect();
+        let zero: Vec<f32> = (0..n).map(|j| (j % 5) as f32).collect();
+        let (mut got, mut q) = (start, vec![7u8; m * n]);
+        let parts = [U8Part { col: 0, ld: n, base: 0 }];
+        qgemm_dual(
+            m,
+            rows,
+            pq,
+            pq.scale(),
+            &mut got,
+            n,
+            U8Out { dst: &mut q, parts: &parts, inv: &inv, zero: &zero },
+            epi,
+        );
+        assert_eq!(got, want, "{:?}: the f32 of a dual output", pq.isa);
+        for (i, (v, u)) in want.iter().zip(&q).enumerate() {
+            let mut e = [0u8];
+            quantize_u8(std::slice::from_ref(v), &mut e, Grid::One(inv[i % n], zero[i % n]));
+            assert_eq!(*u, e[0], "{:?}: u8 of cell {i}", pq.isa);
         }
     }
 
