@@ -568,7 +568,7 @@ impl Conv {
                     Dst::Dual { data, u8, grids } => {
                         let parts = [U8Part { col: 0, ld: self.cout, base: 0 }];
                         let out = U8Out { dst: u8, parts: &parts, inv: &grids.inv, zero: &grids.zero };
-                        sgemm::qgemm_dual(m, rows, wt, col_scale, data, self.cout, out, epi)
+                        sgemm::qgemm_dual(m, rows, wt, col_scale, data, out, epi)
                     }
                 }
                 quantized.into_iter().for_each(buffers::give);

@@ -966,22 +966,21 @@ pub fn qgemm_u8(m: usize, a: Rows<'_, u8>, b: &PackedQ, col_scale: &[f32], out: 
     qgemm_sink(m, a, b, col_scale, None, out, epi);
 }
 
-/// [`qgemm`] into `c` (row stride `ldc`, from column 0; `epi.load` allowed: the residual sum)
-/// and, bit for bit as `quantize_u8` of it, into `out` as well: a residual block's output, f32
-/// for the next shortcut and u8 for the next block's int8 1x1. Each tile is quantized from C
-/// right after the kernel stored it, while it is in L1.
-#[allow(clippy::too_many_arguments)]
+/// [`qgemm`] into the dense `m x n` `c` (`epi.load` allowed: the residual sum) and, bit for bit
+/// as `quantize_u8` of it, into `out` as well: a residual block's output, f32 for the next
+/// shortcut and u8 for the next block's int8 1x1. The VNNI kernel stores both from the same
+/// registers; the others quantize each tile from C right after storing it, while it is in L1.
 pub fn qgemm_dual(
     m: usize,
     a: Rows<'_, u8>,
     b: &PackedQ,
-    col_scale: &[f32],
+    scale: &[f32],
     c: &mut [f32],
-    ldc: usize,
     out: U8Out<'_>,
     epi: Epilogue<'_>,
 ) {
-    qgemm_sink(m, a, b, col_scale, Some((c, ldc)), out, epi);
+    let n = b.n();
+    qgemm_sink(m, a, b, scale, Some((c, n)), out, epi);
 }
 
 /// The u8 outputs of [`qgemm_u8`] and [`qgemm_dual`]: with `kept`, C is that f32 output, else a
@@ -1618,16 +1617,8 @@ mod tests {
         let zero: Vec<f32> = (0..n).map(|j| (j % 5) as f32).collect();
         let (mut got, mut q) = (start, vec![7u8; m * n]);
         let parts = [U8Part { col: 0, ld: n, base: 0 }];
-        qgemm_dual(
-            m,
-            rows,
-            pq,
-            pq.scale(),
-            &mut got,
-            n,
-            U8Out { dst: &mut q, parts: &parts, inv: &inv, zero: &zero },
-            epi,
-        );
+        let out = U8Out { dst: &mut q, parts: &parts, inv: &inv, zero: &zero };
+        qgemm_dual(m, rows, pq, pq.scale(), &mut got, out, epi);
         assert_eq!(got, want, "{:?}: the f32 of a dual output", pq.isa);
         for (i, (v, u)) in want.iter().zip(&q).enumerate() {
             let mut e = [0u8];
