@@ -979,18 +979,17 @@ pub fn qgemm_dual(
     out: U8Out<'_>,
     epi: Epilogue<'_>,
 ) {
-    let n = b.n();
-    qgemm_sink(m, a, b, scale, Some((c, n)), out, epi);
+    qgemm_sink(m, a, b, scale, Some(c), out, epi);
 }
 
-/// The u8 outputs of [`qgemm_u8`] and [`qgemm_dual`]: with `kept`, C is that f32 output, else a
-/// scratch (or none).
+/// The u8 outputs of [`qgemm_u8`] and [`qgemm_dual`]: with `kept`, C is that (dense) f32
+/// output, else a scratch (or none).
 fn qgemm_sink(
     m: usize,
     a: Rows<'_, u8>,
     b: &PackedQ,
     col_scale: &[f32],
-    kept: Option<(&mut [f32], usize)>,
+    kept: Option<&mut [f32]>,
     out: U8Out<'_>,
     epi: Epilogue<'_>,
 ) {
@@ -1010,36 +1009,30 @@ fn qgemm_sink(
     let sink = Sink { dst: Out(out.dst.as_mut_ptr()), parts: out.parts, inv: out.inv, zero: out.zero, keep };
     let one_block = b.p.steps <= b.p.kc;
     let s = Some(col_scale);
-    let mut scratch: Vec<f32> = match () {
-        _ if keep => Vec::new(),
-        _ if one_block && b.isa != QIsa::Amx => Vec::new(),
-        _ => crate::buffers::take(m * n),
-    };
-    let (c, ldc) = match kept {
-        Some((c, ldc)) => (c, ldc),
-        None => (&mut scratch[..], n),
-    };
+    let mut scratch: Vec<f32> =
+        if keep || (one_block && b.isa != QIsa::Amx) { Vec::new() } else { crate::buffers::take(m * n) };
+    let c = kept.unwrap_or(&mut scratch[..]);
     match b.isa {
-        QIsa::Portable => drive(portable::Q8, m, a, &b.p, s, c, ldc, 0, epi, Some(sink), None),
+        QIsa::Portable => drive(portable::Q8, m, a, &b.p, s, c, n, 0, epi, Some(sink), None),
         #[cfg(target_arch = "x86_64")]
-        QIsa::Avx2 if b.pairs => drive(avx2::Q8::<true>, m, a, &b.p, s, c, ldc, 0, epi, Some(sink), None),
+        QIsa::Avx2 if b.pairs => drive(avx2::Q8::<true>, m, a, &b.p, s, c, n, 0, epi, Some(sink), None),
         #[cfg(target_arch = "x86_64")]
-        QIsa::Avx2 => drive(avx2::Q8::<false>, m, a, &b.p, s, c, ldc, 0, epi, Some(sink), None),
+        QIsa::Avx2 => drive(avx2::Q8::<false>, m, a, &b.p, s, c, n, 0, epi, Some(sink), None),
         #[cfg(target_arch = "x86_64")]
-        QIsa::Avx512Vnni => drive(avx512::Q8, m, a, &b.p, s, c, ldc, 0, epi, Some(sink), None),
+        QIsa::Avx512Vnni => drive(avx512::Q8, m, a, &b.p, s, c, n, 0, epi, Some(sink), None),
         // the AMX path stores f32 tiles of its own: quantize its output after it
         #[cfg(target_arch = "x86_64")]
         QIsa::Amx => {
-            qgemm(m, a, b, col_scale, c, ldc, 0, epi);
+            qgemm(m, a, b, col_scale, c, n, 0, epi);
             let src = Out(c.as_mut_ptr());
             (0..m.div_ceil(MC)).into_par_iter().for_each(|t| {
                 let (r0, rows) = (t * MC, MC.min(m - t * MC));
-                // SAFETY: `c` holds `m` rows of `ldc >= n` floats; the tasks' rows are disjoint.
-                unsafe { sink.store(src.at(r0 * ldc), ldc, r0, rows, 0, n) };
+                // SAFETY: `c` holds `m x n` floats; the tasks' rows are disjoint.
+                unsafe { sink.store(src.at(r0 * n), n, r0, rows, 0, n) };
             });
         }
         #[cfg(not(target_arch = "x86_64"))]
-        _ => drive(portable::Q8, m, a, &b.p, s, c, ldc, 0, epi, Some(sink), None),
+        _ => drive(portable::Q8, m, a, &b.p, s, c, n, 0, epi, Some(sink), None),
     }
     crate::buffers::give(scratch);
 }
